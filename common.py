@@ -1,0 +1,669 @@
+"""Shared pieces of diffusion-lab: what two or more experiment scripts use.
+
+Sections, top to bottom:
+  errors and entry point   UserError, run_main
+  device, seeding, rng     pick_device, seed_everything, rng_state / set_rng_state
+  schedules and processes  linear_beta_schedule, cosine_alpha_bar, Process, gaussian_process, convex_process
+  diffusion maths          q_sample, posterior, vlb_terms, prior_kl
+  samplers                 sample_ddpm, sample_ddim, sample_dpmpp_2m (one signature), cfg_denoiser
+  building blocks          timestep_embedding, FiLM, ResBlock1d, UNet1d, EMA
+  metrics                  frechet_distance
+  checkpoints              save_checkpoint (atomic), load_checkpoint (weights_only, checked metadata)
+  logging                  RunLogger (console + metrics.jsonl + optional W&B), StopSignal
+  data                     load_mnist1d
+
+Conventions: a process is x_t = a_t * x0 + b_t * eps for integer t in 0..T, with a_0 = 1, b_0 = 0.
+Every sampler takes a denoiser `denoise(x_t, t) -> x0_hat`, where t is a (B,) long tensor.
+"""
+import json
+import math
+import os
+import pickle
+import random
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# errors and entry point
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit status 2, no traceback."""
+
+
+def run_main(main):
+    """Call main(); turn a UserError into one clear line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite float > 0."""
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def nonnegative_float(text):
+    """argparse type: a finite float >= 0."""
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# device, seeding, rng
+
+def pick_device(name="auto"):
+    """'auto' -> cuda if available, else cpu. An explicit name is checked, not trusted."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a torch device name (try cpu, cuda, cuda:1)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """Global RNG states as a weights_only-loadable dict (tensors, tuples and ints only)."""
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state):
+    random.setstate(tuple(tuple(part) if isinstance(part, list) else part for part in state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def autocast(device, enabled=True):
+    """bf16 autocast on CUDA; a no-op context on CPU (CPU runs stay in fp32 and bit-reproducible)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# schedules and processes
+
+def linear_beta_schedule(T, beta_start=1e-4, beta_end=2e-2):
+    """DDPM (Ho et al. 2020, Sec. 4) linear betas, shape (T,), float64."""
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def cosine_alpha_bar(T, s=0.008, max_beta=0.999):
+    """Improved DDPM (Nichol & Dhariwal 2021, Eq. 17) cosine alpha_bar_t for t = 1..T, shape (T,).
+
+    Betas are clipped at max_beta as in diffusers' `squaredcos_cap_v2`."""
+    f = lambda u: torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    u = torch.arange(T + 1, dtype=torch.float64) / T
+    betas = (1 - f(u[1:]) / f(u[:-1])).clamp(max=max_beta)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+@dataclass
+class Process:
+    """x_t = a[t] * x0 + b[t] * eps, t = 0..T; a and b have shape (T+1,), a[0] = 1, b[0] = 0."""
+    a: torch.Tensor
+    b: torch.Tensor
+
+    @property
+    def T(self):
+        return len(self.a) - 1
+
+    def snr(self):
+        return self.a**2 / self.b**2  # (T+1,), inf at t = 0
+
+
+def gaussian_process(T=1000, schedule="cosine", beta_start=1e-4, beta_end=2e-2):
+    """DDPM: a_t = sqrt(alpha_bar_t), b_t = sqrt(1 - alpha_bar_t) (Ho et al. 2020, Eq. 4)."""
+    if schedule == "linear":
+        alpha_bar = torch.cumprod(1 - linear_beta_schedule(T, beta_start, beta_end), dim=0)
+    elif schedule == "cosine":
+        alpha_bar = cosine_alpha_bar(T)
+    else:
+        raise UserError(f"unknown schedule {schedule!r} (linear, cosine)")
+    alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar])
+    return Process(alpha_bar.sqrt(), (1 - alpha_bar).sqrt())
+
+
+def convex_process(T=1000):
+    """Convex interpolation x_t = (1 - s) x0 + s eps with s = t / T (rectified-flow style path)."""
+    s = torch.arange(T + 1, dtype=torch.float64) / T
+    return Process(1 - s, s)
+
+
+def make_process(noise, T, schedule="cosine", beta_start=1e-4, beta_end=2e-2):
+    if noise == "gaussian":
+        return gaussian_process(T, schedule, beta_start, beta_end)
+    if noise == "convex":
+        return convex_process(T)
+    raise UserError(f"unknown noise {noise!r} (gaussian, convex)")
+
+
+def _at(values, t, like):
+    """Gather values[t] for a (B,) index tensor and shape it (B, 1, ..., 1) to broadcast with `like`."""
+    return values.to(like.device)[t].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def q_sample(process, x0, t, noise):
+    """Forward process x_t = a_t x0 + b_t eps. x0, noise: (B, ...); t: (B,) long."""
+    return _at(process.a, t, x0) * x0 + _at(process.b, t, x0) * noise
+
+
+def posterior(process, x0, x_t, t, s):
+    """Mean and variance of q(x_s | x_t, x0) for s < t (Kingma et al. 2021, VDM, Eqs. 28-30).
+
+    With alpha_{t|s} = a_t / a_s and sigma2_{t|s} = b_t^2 - alpha_{t|s}^2 b_s^2:
+      mean = alpha_{t|s} b_s^2 / b_t^2 * x_t + a_s sigma2_{t|s} / b_t^2 * x0
+      var  = sigma2_{t|s} b_s^2 / b_t^2
+    Valid for any process whose SNR a^2/b^2 decreases in t (both of ours). t, s: (B,) long."""
+    a, b = process.a, process.b
+    a_t, b_t, a_s, b_s = _at(a, t, x0), _at(b, t, x0), _at(a, s, x0), _at(b, s, x0)
+    alpha_ts = a_t / a_s
+    sigma2_ts = b_t**2 - alpha_ts**2 * b_s**2
+    mean = alpha_ts * b_s**2 / b_t**2 * x_t + a_s * sigma2_ts / b_t**2 * x0
+    var = sigma2_ts * b_s**2 / b_t**2
+    return mean, var
+
+
+def vlb_weights(process):
+    """Per-timestep weight w_t of the variational bound in x0-space, shape (T+1,), w_0 unused.
+
+    For t >= 2, KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) with p sharing q's variance and x0 -> x0_hat
+    is w_t * ||x0 - x0_hat||^2 with w_t = (SNR(t-1) - SNR(t)) / 2 (VDM, Eq. 13 in discrete time).
+    For t = 1 the term is the decoder -log N(x0; x0_hat, b_1^2): weight 1 / (2 b_1^2)."""
+    snr = process.snr()
+    weights = torch.zeros_like(snr)
+    weights[2:] = (snr[1:-1] - snr[2:]) / 2
+    weights[1] = 1 / (2 * process.b[1] ** 2)
+    return weights
+
+
+def vlb_terms(process, x0, x0_pred, t):
+    """L_{t-1} per sample in nats (summed over all but the batch dim), shape (B,).
+
+    t >= 2: the Gaussian KL above; t = 1: the decoder negative log-likelihood, constants included.
+    Differentiable in x0_pred. x0, x0_pred: (B, ...); t: (B,) long in 1..T."""
+    weights = _at(vlb_weights(process), t, x0).flatten()
+    squared_error = (x0 - x0_pred).pow(2).flatten(1).sum(1)
+    dims = x0[0].numel()
+    decoder_const = torch.where(t == 1, 0.5 * dims * torch.log(2 * math.pi * process.b[1].to(x0) ** 2),
+                                torch.zeros((), dtype=x0.dtype, device=x0.device))
+    return weights * squared_error + decoder_const
+
+
+def prior_kl(process, x0):
+    """L_T = KL(q(x_T | x0) || N(0, I)) per sample in nats, shape (B,)."""
+    a_T, b_T = process.a[-1].item(), process.b[-1].item()
+    mean2 = (a_T * x0).pow(2).flatten(1).sum(1)
+    dims = x0[0].numel()
+    return 0.5 * (mean2 + dims * (b_T**2 - 1 - math.log(b_T**2)))
+
+
+# ----------------------------------------------------------------------------------------------
+# samplers: sampler(denoise, x, process, steps, generator=None, **options) -> x0 sample
+# `x` is the start noise x_T ~ N(0, I) scaled by b_T (shape (B, ...)); `steps` network evaluations.
+
+def sampling_timesteps(T, steps):
+    """steps + 1 integer times from T down to 0, evenly spaced, shape (steps + 1,)."""
+    if not 1 <= steps <= T:
+        raise UserError(f"sampler steps must be in 1..{T}, got {steps}")
+    return torch.linspace(T, 0, steps + 1).round().long()
+
+
+def _time_batch(t, x):
+    return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+
+
+@torch.no_grad()
+def sample_ddpm(denoise, x, process, steps, generator=None, progress=False):
+    """Ancestral sampling (Ho et al. 2020, Alg. 2) through q(x_s | x_t, x0_hat) on a strided grid."""
+    times = sampling_timesteps(process.T, steps)
+    for t, s in zip(tqdm_maybe(times[:-1], progress), times[1:]):
+        t_batch, s_batch = _time_batch(t, x), _time_batch(s, x)
+        mean, var = posterior(process, denoise(x, t_batch), x, t_batch, s_batch)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = mean + var.sqrt() * noise if s > 0 else mean
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(denoise, x, process, steps, generator=None, progress=False, eta=0.0):
+    """DDIM (Song et al. 2021, Eq. 12): x_s = a_s x0_hat + sqrt(b_s^2 - sigma^2) eps_hat + sigma z,
+    sigma = eta * sqrt(posterior variance). eta = 0 is deterministic; eta = 1 equals DDPM."""
+    times = sampling_timesteps(process.T, steps)
+    for t, s in zip(tqdm_maybe(times[:-1], progress), times[1:]):
+        t_batch, s_batch = _time_batch(t, x), _time_batch(s, x)
+        x0_hat = denoise(x, t_batch)
+        a_t, b_t, a_s, b_s = (_at(v, i, x) for v, i in
+                              ((process.a, t_batch), (process.b, t_batch), (process.a, s_batch), (process.b, s_batch)))
+        eps_hat = (x - a_t * x0_hat) / b_t
+        sigma2 = eta**2 * (b_t**2 - (a_t / a_s) ** 2 * b_s**2) * b_s**2 / b_t**2
+        x = a_s * x0_hat + (b_s**2 - sigma2).clamp(min=0).sqrt() * eps_hat
+        if eta > 0 and s > 0:
+            x = x + sigma2.sqrt() * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoise, x, process, steps, generator=None, progress=False):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data prediction, lambda = log(a / b).
+
+    x_s = (b_s / b_t) x_t - a_s (e^{-h} - 1) D, with D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1},
+    r = h_prev / h; first order on the first step and on the final step to t = 0."""
+    times = sampling_timesteps(process.T, steps)
+    a, b = process.a, process.b
+    lam = torch.log(a / b)  # (T+1,), +inf at t = 0, -inf where a = 0
+    previous_x0, previous_h = None, None
+    for i, (t, s) in enumerate(zip(tqdm_maybe(times[:-1], progress), times[1:])):
+        x0_hat = denoise(x, _time_batch(t, x))
+        if s == 0:
+            x = x0_hat
+            break
+        h = (lam[s] - lam[t]).item()
+        exp_neg_h = (b[s] * a[t] / (a[s] * b[t])).item()  # e^{-h}, exact also where a_t = 0
+        if previous_x0 is None:
+            data = x0_hat
+        else:
+            r = previous_h / h
+            data = (1 + 1 / (2 * r)) * x0_hat - 1 / (2 * r) * previous_x0
+        x = (b[s] / b[t]).item() * x - a[s].item() * (exp_neg_h - 1) * data
+        previous_x0, previous_h = x0_hat, h
+    return x
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp": sample_dpmpp_2m}
+
+
+def cfg_denoiser(model_fn, cond, null_cond, guidance_scale):
+    """Classifier-free guidance (Ho & Salimans 2022, Eq. 6) as a denoiser usable by every sampler.
+
+    model_fn(x, t, cond) -> x0_hat. Returns denoise(x, t) = uncond + w * (cond - uncond); with
+    w = 1 the conditional model alone is evaluated (one pass)."""
+    if guidance_scale == 1.0:
+        return lambda x, t: model_fn(x, t, cond)
+
+    def denoise(x, t):
+        both = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null_cond]))
+        conditional, unconditional = both.chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+    return denoise
+
+
+def tqdm_maybe(iterable, enabled, **kwargs):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, mininterval=1.0, leave=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding (Vaswani et al. 2017; Ho et al. 2020). t: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class FiLM(nn.Module):
+    """Feature-wise linear modulation (Perez et al. 2018): h = (1 + gamma) * norm(x) + beta.
+
+    The projection starts at zero, so at initialisation FiLM is the plain normalisation."""
+
+    def __init__(self, cond_dim, channels, norm):
+        super().__init__()
+        self.norm = norm
+        self.proj = nn.Linear(cond_dim, 2 * channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x, cond):  # x: (B, C, ...), cond: (B, cond_dim)
+        gamma, beta = self.proj(cond).view(x.shape[0], -1, *([1] * (x.dim() - 2))).chunk(2, dim=1)
+        return (1 + gamma) * self.norm(x) + beta
+
+
+class ResBlock1d(nn.Module):
+    """GroupNorm-SiLU-Conv, FiLM on the embedding, SiLU-Conv, plus a (1x1) skip. (B, C_in, L) -> (B, C_out, L)."""
+
+    def __init__(self, in_channels, out_channels, emb_dim, groups=8):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels)
+        self.conv1 = nn.Conv1d(in_channels, out_channels, 3, padding=1)
+        self.film = FiLM(emb_dim, out_channels, nn.GroupNorm(groups, out_channels))
+        self.conv2 = nn.Conv1d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.film(h, emb)))
+        return h + self.skip(x)
+
+
+class UNet1d(nn.Module):
+    """A small 1-D UNet for signals (B, C, L), L divisible by 2**(len(channels)-1).
+
+    Conditioned on an embedding (B, emb_dim) that the caller builds (time, direction, class, ...)."""
+
+    def __init__(self, in_channels=1, out_channels=1, channels=(64, 128, 128), emb_dim=128):
+        super().__init__()
+        self.stem = nn.Conv1d(in_channels, channels[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        self.up = nn.ModuleList()
+        widths = [channels[0]] + list(channels)
+        for i in range(len(channels)):
+            self.down.append(ResBlock1d(widths[i], widths[i + 1], emb_dim))
+        self.mid = ResBlock1d(channels[-1], channels[-1], emb_dim)
+        for i in reversed(range(len(channels))):
+            self.up.append(ResBlock1d(widths[i + 1] * 2, widths[i], emb_dim))
+        self.head = nn.Sequential(nn.GroupNorm(8, channels[0]), nn.SiLU(), nn.Conv1d(channels[0], out_channels, 3, padding=1))
+        self.levels = len(channels)
+
+    def forward(self, x, emb):  # x: (B, C, L), emb: (B, emb_dim)
+        h = self.stem(x)
+        skips = []
+        for i, block in enumerate(self.down):
+            h = block(h, emb)
+            skips.append(h)
+            if i < self.levels - 1:
+                h = F.avg_pool1d(h, 2)
+        h = self.mid(h, emb)
+        for i, block in enumerate(self.up):
+            if i > 0:
+                h = F.interpolate(h, scale_factor=2, mode="nearest")
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.head(h)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class EMA:
+    """Exponential moving average of weights with warm-up: decay_k = min(decay, (1 + k) / (10 + k)),
+    so a short run is not dominated by the initial weights (as in TensorFlow's ExponentialMovingAverage)."""
+
+    def __init__(self, model, decay=0.999):
+        self.decay = decay
+        self.steps = 0
+        self.model = _frozen_copy(model)
+
+    @torch.no_grad()
+    def update(self, model):
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for ema_param, param in zip(self.model.parameters(), model.parameters()):
+            ema_param.lerp_(param.detach(), 1 - decay)
+        for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+        self.steps += 1
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "steps": self.steps, "decay": self.decay}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.steps, self.decay = state["steps"], state["decay"]
+
+
+def _frozen_copy(model):
+    import copy
+    clone = copy.deepcopy(model).eval()
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+
+def frechet_distance(features_a, features_b):
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2}) (Heusel et al. 2017), features (N, D).
+
+    The trace of the matrix square root is computed from the eigenvalues of the symmetric PSD
+    matrix S_a^{1/2} S_b S_a^{1/2}, which has the same spectrum as S_a S_b."""
+    a = np.asarray(features_a, dtype=np.float64)
+    b = np.asarray(features_b, dtype=np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    eigvals, eigvecs = np.linalg.eigh(cov_a)
+    sqrt_a = (eigvecs * np.sqrt(np.clip(eigvals, 0, None))) @ eigvecs.T
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a), 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+def save_checkpoint(path, state):
+    """torch.save to a temporary file in the same directory, fsync, then atomic rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def checkpoint_meta(script, kind, **extra):
+    return {"script": script, "kind": kind, "format_version": CHECKPOINT_FORMAT_VERSION, **extra}
+
+
+def load_checkpoint(path, script=None, kinds=None, map_location="cpu"):
+    """Load with weights_only=True and check the metadata; every failure is one clear UserError.
+
+    script: the script that must have written it; kinds: the accepted meta['kind'] values."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise UserError(f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0][:200] if str(error) else 'no detail'})")
+    meta = state.get("meta") if isinstance(state, dict) else None
+    if not isinstance(meta, dict) or "kind" not in meta:
+        raise UserError(f"{path} is not a diffusion-lab checkpoint (no metadata)")
+    if meta.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise UserError(f"{path} has checkpoint format {meta.get('format_version')}, "
+                        f"this code reads format {CHECKPOINT_FORMAT_VERSION}")
+    if script is not None and meta.get("script") != script:
+        raise UserError(f"{path} was written by {meta.get('script')}, not by {script}")
+    if kinds is not None and meta["kind"] not in kinds:
+        raise UserError(f"{path} holds a {meta['kind']!r} model, expected one of {sorted(kinds)}")
+    return state
+
+
+def load_model_state(model, state_dict, path):
+    """load_state_dict that reports a shape/architecture mismatch as one UserError line."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        first = str(error).split("\n\t")
+        raise UserError(f"{path} does not fit this model: {first[0].strip()} "
+                        f"{first[1].strip() if len(first) > 1 else ''}".strip())
+
+
+# ----------------------------------------------------------------------------------------------
+# logging and run directory
+
+def write_json(path, data):
+    """Atomic JSON write (temporary file + rename)."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as file:
+        json.dump(data, file, indent=2, default=float)
+        file.write("\n")
+    os.replace(temporary, path)
+
+
+def prepare_outdir(outdir):
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create --outdir {outdir}: {error.strerror}")
+    if not os.access(outdir, os.W_OK):
+        raise UserError(f"--outdir {outdir} is not writable")
+    return outdir
+
+
+def wandb_status():
+    """One line saying whether W&B is installed and has a key (environment or `wandb login`)."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return "wandb not installed"
+    if os.environ.get("WANDB_API_KEY"):
+        return "W&B key found in WANDB_API_KEY"
+    netrc = os.path.join(os.path.expanduser("~"), ".netrc")
+    if os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read():
+        return "W&B key found from `wandb login`"
+    return "no W&B key (offline mode works; for online set WANDB_API_KEY or run `wandb login`)"
+
+
+class RunLogger:
+    """Console + metrics.jsonl (one JSON object per log call) + optional W&B run.
+
+    mode: 'off' | 'offline' | 'online'. A W&B failure is reported once and the run continues."""
+
+    def __init__(self, outdir, config, mode="off", project="diffusion-lab", group=None, name=None,
+                 jsonl_name="metrics.jsonl"):
+        self.path = os.path.join(outdir, jsonl_name)
+        self.wandb = None
+        if mode != "off":
+            try:
+                import wandb
+                self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", project), group=group, name=name,
+                                        config=config, mode=mode, dir=outdir, reinit="create_new")
+            except Exception as error:
+                print(f"W&B did not start ({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}); "
+                      "continuing with metrics.jsonl only")
+
+    def log(self, metrics, step=None):
+        record = {"time": time.time(), **({"step": step} if step is not None else {}), **metrics}
+        with open(self.path, "a") as file:
+            file.write(json.dumps(record, default=float) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def log_image(self, key, path, caption=None):
+        if self.wandb is not None:
+            import wandb
+            self.wandb.log({key: wandb.Image(path, caption=caption)})
+
+    def finish(self, summary=None):
+        if self.wandb is not None:
+            if summary:
+                self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+            self.wandb.finish()
+
+
+class StopSignal:
+    """Turns SIGTERM / SIGUSR1 (SLURM preemption or time limit) into a flag the loop polls, so the run
+    checkpoints at the next step boundary and exits cleanly. Restores the old handlers on close()."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def close(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+def load_mnist1d(data_dir, seed=42):
+    """MNIST1D (Greydanus 2020): 4000 train / 1000 test signals of length 40, 10 classes.
+
+    Generated offline by the mnist1d package and cached as a pickle in data_dir. The package's
+    set_seed reseeds the global `random` and NumPy states; they are restored here.
+    Returns float32 tensors x (4000, 40), x_test (1000, 40) and long tensors y, y_test."""
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create --data-dir {data_dir}: {error.strerror}")
+    path = os.path.join(data_dir, f"mnist1d_seed{seed}.pkl")
+    data = None
+    if os.path.exists(path):
+        try:
+            with open(path, "rb") as file:
+                data = pickle.load(file)
+        except Exception:
+            print(f"cached MNIST1D at {path} is unreadable; regenerating it")
+    if data is None:
+        from mnist1d.data import get_dataset_args, make_dataset
+        args = get_dataset_args()
+        args.seed = seed
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            data = make_dataset(args)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+        data = {k: data[k] for k in ("x", "y", "x_test", "y_test", "t")}
+        try:
+            temporary = f"{path}.tmp"
+            with open(temporary, "wb") as file:
+                pickle.dump(data, file)
+            os.replace(temporary, path)
+        except OSError as error:
+            raise UserError(f"cannot write the MNIST1D cache into --data-dir {data_dir}: {error.strerror}")
+    return {
+        "x": torch.tensor(data["x"], dtype=torch.float32),
+        "y": torch.tensor(data["y"], dtype=torch.long),
+        "x_test": torch.tensor(data["x_test"], dtype=torch.float32),
+        "y_test": torch.tensor(data["y_test"], dtype=torch.long),
+    }
