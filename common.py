@@ -218,13 +218,16 @@ def vlb_weights(process):
     return weights
 
 
-def vlb_terms(process, x0, x0_pred, t):
+def vlb_terms(process, x0, x0_pred, t, decoder_constant=True):
     """L_{t-1} per sample in nats (summed over all but the batch dim), shape (B,).
 
-    t >= 2: the Gaussian KL above; t = 1: the decoder negative log-likelihood, constants included.
+    t >= 2: the Gaussian KL above; t = 1: the decoder negative log-likelihood, with its constant
+    0.5 * dims * log(2 pi b_1^2) unless decoder_constant=False (a training loss has no use for it).
     Differentiable in x0_pred. x0, x0_pred: (B, ...); t: (B,) long in 1..T."""
     weights = _at(vlb_weights(process), t, x0).flatten()
     squared_error = (x0 - x0_pred).pow(2).flatten(1).sum(1)
+    if not decoder_constant:
+        return weights * squared_error
     dims = x0[0].numel()
     decoder_const = torch.where(t == 1, 0.5 * dims * torch.log(2 * math.pi * process.b[1].to(x0) ** 2),
                                 torch.zeros((), dtype=x0.dtype, device=x0.device))

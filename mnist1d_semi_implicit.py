@@ -87,7 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay of the weights used for evaluation")
     p.add_argument("--eval-strata", type=common.positive_int, default=20,
                    help="timestep strata for the test metrics (one random t per stratum and test signal)")
-    p.add_argument("--sampler", default="ddim", choices=sorted(common.SAMPLERS), help="sampler for generation")
+    p.add_argument("--sampler", default="dpmpp", choices=sorted(common.SAMPLERS), help="sampler for generation")
     p.add_argument("--sample-steps", type=common.positive_int, default=50, help="network evaluations per generated batch")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = conditional only)")
     p.add_argument("--samples-per-class", type=common.positive_int, default=100, help="generated signals per digit for FD and accuracy")
@@ -205,10 +205,10 @@ def load_or_train_classifier(data, data_dir, dataset_seed, device):
 def forward_loss(process, kind, x0, x0_pred, t):
     """Per-sample forward loss (B,). mse: mean squared error on x0. kl: the variational-bound term
     L_{t-1} (common.vlb_terms, nats) times T, per dimension: an unbiased estimate of the bound's
-    sum over t (without L_T, which has no parameters) for t ~ U{1..T}."""
+    sum over t for t ~ U{1..T}, without the terms that carry no gradient (L_T, the decoder's constant)."""
     if kind == "mse":
         return (x0_pred - x0).pow(2).mean(1)
-    return process.T * common.vlb_terms(process, x0, x0_pred, t) / x0.shape[1]
+    return process.T * common.vlb_terms(process, x0, x0_pred, t, decoder_constant=False) / x0.shape[1]
 
 
 def training_losses(model, process, args, loss_kind, semi_implicit, x0, y, generator):

@@ -214,3 +214,12 @@ def test_check_mode(data_dir):
     result = run_script("--check", "--data-dir", data_dir, "--T", "100", "--threads", "1")
     assert result.returncode == 0, result.stderr
     assert "pre-flight passed" in result.stdout and "device: cpu" in result.stdout
+
+
+def test_kl_training_loss_at_t1_is_the_decoder_term_without_its_constant():
+    process = common.make_process("gaussian", 100)
+    x0, x0_pred = torch.zeros(2, 40, dtype=torch.float64), torch.full((2, 40), 0.01, dtype=torch.float64)
+    t = torch.ones(2, dtype=torch.long)
+    expected = 100 * (40 * 0.01**2) / (2 * process.b[1] ** 2) / 40
+    assert torch.allclose(m1d.forward_loss(process, "kl", x0, x0_pred, t), expected.expand(2))
+    assert (m1d.forward_loss(process, "kl", x0, x0_pred, torch.tensor([1, 50])) > 0).all()  # no negative constant
