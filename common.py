@@ -483,11 +483,14 @@ def save_checkpoint(path, state):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -569,6 +572,9 @@ def wandb_status():
     return "no W&B key (offline mode works; for online set WANDB_API_KEY or run `wandb login`)"
 
 
+_wandb_failed = False
+
+
 class RunLogger:
     """Console + metrics.jsonl (one JSON object per log call) + optional W&B run.
 
@@ -576,14 +582,16 @@ class RunLogger:
 
     def __init__(self, outdir, config, mode="off", project="diffusion-lab", group=None, name=None,
                  jsonl_name="metrics.jsonl"):
+        global _wandb_failed
         self.path = os.path.join(outdir, jsonl_name)
         self.wandb = None
-        if mode != "off":
+        if mode != "off" and not _wandb_failed:
             try:
                 import wandb
                 self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", project), group=group, name=name,
                                         config=config, mode=mode, dir=outdir, reinit="create_new")
-            except Exception as error:
+            except Exception as error:  # said once per process; later loggers do not retry
+                _wandb_failed = True
                 print(f"W&B did not start ({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}); "
                       "continuing with metrics.jsonl only")
 

@@ -223,3 +223,16 @@ def test_kl_training_loss_at_t1_is_the_decoder_term_without_its_constant():
     expected = 100 * (40 * 0.01**2) / (2 * process.b[1] ** 2) / 40
     assert torch.allclose(m1d.forward_loss(process, "kl", x0, x0_pred, t), expected.expand(2))
     assert (m1d.forward_loss(process, "kl", x0, x0_pred, torch.tensor([1, 50])) > 0).all()  # no negative constant
+
+
+def test_seed_aggregation_reports_mean_and_std():
+    def fake(seed, value):
+        result = {key: value for key in m1d.SCALARS}
+        result.update(name="mse-convex-implicit", loss="mse", noise="convex", training="implicit", seed=seed,
+                      train_loss=[value, value / 2], train_components={"forward": [value, value / 2]},
+                      forward_mse_by_t={"t": [1.0, 50.0], "mse": [value, 2 * value]}, samples=[], sample_labels=[])
+        return result
+    entry = m1d.aggregate([fake(0, 1.0), fake(1, 3.0)])
+    assert entry["test_mse"] == 2.0 and entry["std"]["test_mse"] == pytest.approx(math.sqrt(2))
+    assert entry["train_loss"] == [2.0, 1.0] and entry["seeds"] == [0, 1]
+    assert [r["sample_fd"] for r in entry["per_seed"]] == [1.0, 3.0]
