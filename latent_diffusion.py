@@ -1,0 +1,493 @@
+"""Latent diffusion on MNIST: a DDPM in the 16-D latent space of a frozen autoencoder (SPEC section 2).
+
+Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent Diffusion Models") in miniature: encode
+the training images with the autoencoder from autoencoders.py, normalise the latents per dimension, and
+train an MLP denoiser with FiLM time conditioning to predict the noise (Ho et al. 2020, Eq. 14).
+Samples are drawn in latent space with any sampler of common.py and decoded to images.
+
+    python autoencoders.py --model conv --outdir runs/ae-conv
+    python latent_diffusion.py --ae-ckpt runs/ae-conv/ae-conv.pt --outdir runs          # 20 epochs, then eval
+    python latent_diffusion.py --ae-ckpt-dir runs --only-digit 7 --generate-images      # newest AE under runs/
+    python latent_diffusion.py --ae-ckpt runs/ae-conv/ae-conv.pt --auto-resume          # continue a killed run
+    python latent_diffusion.py generate --ckpt runs/<run>/checkpoints/last.pt --num-images 64 \\
+        --output generated.png --sampler dpmpp --steps 20
+
+A run lives in <outdir>/<run name>, e.g. runs/latent-diffusion-dall-bs128-lr0.0002-T1000-seed42-20250101-120000/:
+config.json, results.json, checkpoints/{last,best}.pt, samples/*.png, logs/metrics.jsonl.
+results.json holds the AE reconstruction MSE and, for decoded samples, the classifier Frechet distance and
+class distribution (or, with --only-digit d, the share classified as d), each beside the same metrics on
+real images and on AE reconstructions of the test set (the autoencoder's ceiling).
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import autoencoders
+import common
+from common import UserError
+
+SCRIPT = "latent_diffusion"
+KIND = "latent-denoiser"
+# settings that define a run: --auto-resume only continues a run whose config matches on all of them
+# (and on --epochs too with the cosine schedule, whose shape depends on it)
+RUN_IDENTITY = ("ae_ckpt", "only_digit", "batch_size", "lr", "lr_schedule", "T", "beta_start", "beta_end",
+                "hidden_dim", "num_blocks", "ema_decay", "seed", "dataset_used")
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+class FiLMBlock(nn.Module):
+    """Residual MLP block: h + Linear(SiLU(FiLM(LayerNorm(h), emb))). (B, H) -> (B, H)."""
+
+    def __init__(self, hidden_dim, emb_dim):
+        super().__init__()
+        self.film = common.FiLM(emb_dim, hidden_dim, nn.LayerNorm(hidden_dim))
+        self.linear = nn.Linear(hidden_dim, hidden_dim)
+
+    def forward(self, h, emb):
+        return h + self.linear(F.silu(self.film(h, emb)))
+
+
+class LatentDenoiser(nn.Module):
+    """eps_theta(z_t, t): an MLP on latents with FiLM time conditioning.
+
+    sinusoidal embedding of t -> time MLP -> (gamma, beta) of every block's FiLM. (B, D), (B,) -> (B, D)."""
+
+    def __init__(self, latent_dim=16, hidden_dim=256, num_blocks=4, time_dim=128):
+        super().__init__()
+        self.time_dim = time_dim
+        self.time_mlp = nn.Sequential(nn.Linear(time_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
+        self.input = nn.Linear(latent_dim, hidden_dim)
+        self.blocks = nn.ModuleList(FiLMBlock(hidden_dim, hidden_dim) for _ in range(num_blocks))
+        self.output = nn.Sequential(nn.LayerNorm(hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, latent_dim))
+
+    def forward(self, z_t, t):
+        if t.numel() > 1 and bool((t == t[0]).all()):  # sampling: one time for the batch, embed it once
+            emb = self.time_mlp(common.timestep_embedding(t[:1], self.time_dim)).expand(len(t), -1)
+        else:
+            emb = self.time_mlp(common.timestep_embedding(t, self.time_dim))  # (B, H)
+        h = self.input(z_t)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.output(h)
+
+
+def x0_denoiser(model, process, bound=None):
+    """The samplers of common.py take x0 predictions; the model predicts eps, so
+    x0_hat = (z_t - b_t eps_hat) / a_t (Ho et al. 2020, Eq. 4 solved for x0).
+
+    With `bound` (D,), x0_hat is clipped to [-bound, bound] ("static thresholding", Saharia et al. 2022):
+    at large t, 1/a_t (about 160 for the linear schedule) amplifies eps errors, and DPM-Solver++ would
+    otherwise turn a few of them into far-out latents that decode to blobs."""
+    def denoise(z_t, t):
+        eps_hat = model(z_t, t).float()
+        a_t = process.a.to(z_t)[t].unsqueeze(1)  # (B, 1)
+        b_t = process.b.to(z_t)[t].unsqueeze(1)
+        x0_hat = (z_t - b_t * eps_hat) / a_t
+        return x0_hat if bound is None else torch.clamp(x0_hat, -bound, bound)
+    return denoise
+
+
+@torch.no_grad()
+def sample_latents(model, process, stats, count, sampler="ddpm", steps=1000, seed=0, batch_size=5000, device="cpu",
+                   progress=False):
+    """`count` normalised latents (count, D) from N(0, I) noise through a common.py sampler."""
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    denoise = x0_denoiser(model, process, stats["bound"])
+    dim = model.input.in_features
+    out = []
+    for start in range(0, count, batch_size):
+        noise = torch.randn(min(batch_size, count - start), dim, generator=generator, device=device)
+        out.append(common.SAMPLERS[sampler](denoise, noise * process.b[-1].item(), process, steps,
+                                            generator=generator, progress=progress))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_latents(autoencoder, normalised, stats, batch_size=1000):
+    """Undo the latent normalisation and decode: (N, D) -> images (N, 1, 28, 28) in [0, 1]."""
+    latents = normalised * stats["std"] + stats["mean"]
+    return torch.cat([autoencoder.decode(latents[i:i + batch_size]).float() for i in range(0, len(latents), batch_size)])
+
+
+def load_denoiser(path, device):
+    """The EMA denoiser, its process, latent statistics {mean, std, bound} and metadata from a checkpoint."""
+    state = common.load_checkpoint(path, script=SCRIPT, kinds={KIND})
+    meta = state["meta"]
+    model = LatentDenoiser(**meta["args"])
+    common.load_model_state(model, state["ema"]["model"], path)
+    process = common.gaussian_process(meta["T"], "linear", meta["beta_start"], meta["beta_end"])
+    stats = {key: value.to(device) for key, value in state["latent_stats"].items()}
+    return model.to(device).eval(), process, stats, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# data: encoded latents, cached per (AE checkpoint contents, dataset)
+
+def encoded_latents(autoencoder, data, ae_path, cache_dir, device):
+    """Latents of train and test images (N, D), cached in cache_dir keyed by the AE file's SHA-256."""
+    path = os.path.join(cache_dir, f"latents-{data['name']}-{common.file_sha256(ae_path)[:16]}.pt") if cache_dir else None
+    if path and os.path.isfile(path):
+        try:
+            cached = torch.load(path, map_location=device, weights_only=True)
+            if cached["train"].shape[0] == data["train_size"] and cached["test"].shape[0] == data["test_size"]:
+                print(f"latents from cache {path}")
+                return cached["train"], cached["test"]
+        except Exception as error:
+            print(f"latent cache {path} unreadable ({type(error).__name__}); re-encoding")
+    train = autoencoders.encode_all(autoencoder, data["x"])
+    test = autoencoders.encode_all(autoencoder, data["x_test"])
+    if path:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            common.save_checkpoint(path, {"train": train.cpu(), "test": test.cpu()})
+        except OSError as error:
+            print(f"could not write the latent cache in --cache-dir {cache_dir} ({error.strerror}); continuing")
+    return train, test
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ae-ckpt", help="autoencoder checkpoint written by autoencoders.py (kind read from it)")
+    source.add_argument("--ae-ckpt-dir", help="use the newest AE checkpoint under this directory (conv before mlp)")
+    parser.add_argument("--only-digit", type=int, choices=range(10), default=None, metavar="{0..9}",
+                        help="train on the latents of this digit only")
+    parser.add_argument("--epochs", type=common.positive_int, default=20, help="training epochs")
+    parser.add_argument("--batch-size", type=common.positive_int, default=128, help="batch size")
+    parser.add_argument("--lr", type=common.positive_float, default=2e-4, help="Adam learning rate")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                        help="constant, or cosine decay from --lr to 0 over the run")
+    parser.add_argument("--T", type=common.positive_int, default=1000, help="diffusion steps")
+    parser.add_argument("--beta-start", type=common.positive_float, default=1e-4, help="first beta of the linear schedule")
+    parser.add_argument("--beta-end", type=common.positive_float, default=2e-2, help="last beta of the linear schedule")
+    parser.add_argument("--hidden-dim", type=common.positive_int, default=256, help="denoiser MLP width")
+    parser.add_argument("--num-blocks", type=common.positive_int, default=4, help="FiLM residual blocks in the denoiser")
+    parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the weights (with warm-up)")
+    parser.add_argument("--samples-per-epoch", type=common.positive_int, default=16,
+                        help="images in each epoch's sample grid (with --generate-images)")
+    parser.add_argument("--generate-images", action="store_true", help="write samples/epoch-NNN.png after every epoch")
+    parser.add_argument("--eval-samples", type=int, default=10000,
+                        help="decoded samples scored at the end (0 = skip sample metrics)")
+    parser.add_argument("--eval-sampler", choices=sorted(common.SAMPLERS), default="ddpm", help="sampler for the final evaluation")
+    parser.add_argument("--eval-steps", type=common.positive_int, default=None, help="sampler steps for the evaluation (default: T)")
+    parser.add_argument("--early-stopping-patience", type=int, default=0,
+                        help="stop after this many epochs without a better validation loss (0 = never)")
+    parser.add_argument("--auto-resume", "--resume", action="store_true",
+                        help="continue the newest run in --outdir with the same settings, if there is one")
+    parser.add_argument("--run-name", default=None, help="run directory name (default: built from the settings + time)")
+    parser.add_argument("--outdir", default="runs", help="directory that holds the run directories")
+    parser.add_argument("--cache-dir", default="./cache", help="cache of encoded latents ('' = no cache)")
+    parser.add_argument("--dataset", choices=common.DATASETS, default="auto",
+                        help="mnist (full, fetched once), mnist5k (offline subset), auto (full if possible)")
+    parser.add_argument("--data-dir", default="./data", help="where MNIST and the cached classifier live")
+    parser.add_argument("--seed", type=int, default=42, help="random seed (same seed on CPU -> same numbers)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser for training")
+    parser.add_argument("--log-every", type=common.positive_int, default=50, help="steps between metrics.jsonl lines")
+    parser.add_argument("--wandb", choices=("off", "offline", "online"), default="off", help="Weights & Biases mode")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars (batch jobs)")
+    args = parser.parse_args(argv)
+    if not 0 < args.beta_start < args.beta_end < 1:
+        parser.error(f"need 0 < --beta-start < --beta-end < 1, got {args.beta_start}, {args.beta_end}")
+    if not 0 <= args.ema_decay < 1:
+        parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if args.eval_samples < 0 or args.early_stopping_patience < 0:
+        parser.error("--eval-samples and --early-stopping-patience must be >= 0")
+    args.eval_steps = args.eval_steps or args.T
+    if args.eval_steps > args.T:
+        parser.error(f"--eval-steps must be <= --T ({args.T}), got {args.eval_steps}")
+    return args
+
+
+def run_prefix(args):
+    digit = "dall" if args.only_digit is None else f"d{args.only_digit}"
+    return f"latent-diffusion-{digit}-bs{args.batch_size}-lr{args.lr:g}-T{args.T}-seed{args.seed}"
+
+
+def find_resumable_run(args, identity):
+    """The newest run directory under --outdir with checkpoints/last.pt and the same identity settings."""
+    candidates = []
+    for directory in glob.glob(os.path.join(args.outdir, (args.run_name or run_prefix(args) + "-*"))):
+        last, config_path = os.path.join(directory, "checkpoints", "last.pt"), os.path.join(directory, "config.json")
+        if os.path.isfile(last) and os.path.isfile(config_path):
+            with open(config_path) as file:
+                config = json.load(file)
+            keys = RUN_IDENTITY + (("epochs",) if identity["lr_schedule"] == "cosine" else ())
+            if all(config.get(key) == identity[key] for key in keys):
+                candidates.append(directory)
+    return max(candidates, key=lambda d: os.path.getmtime(os.path.join(d, "checkpoints", "last.pt"))) if candidates else None
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["generate"]:
+        return generate(argv[1:])
+    args = parse_args(argv)
+    device = common.pick_device(args.device)
+    common.seed_everything(args.seed)
+    common.prepare_outdir(args.outdir)
+
+    # autoencoder: kind and constructor args come from its checkpoint's metadata
+    ae_path = os.path.abspath(args.ae_ckpt or autoencoders.find_autoencoder_checkpoint(args.ae_ckpt_dir))
+    autoencoder, ae_meta = autoencoders.load_autoencoder(ae_path, device)
+    print(f"autoencoder: {ae_meta['kind']} {ae_meta['args']} from {ae_path}")
+
+    # data: full dataset as tensors, encoded once (cached), normalised per latent dimension
+    data = common.load_mnist(args.dataset, args.data_dir, device)
+    train_latents, test_latents = encoded_latents(autoencoder, data, ae_path, args.cache_dir, device)
+    train_labels, test_labels = data["y"], data["y_test"]
+    if args.only_digit is not None:
+        train_latents, test_latents = train_latents[train_labels == args.only_digit], test_latents[test_labels == args.only_digit]
+    stats = {"mean": train_latents.mean(0), "std": train_latents.std(0)}  # (D,) each
+    train_z, test_z = (train_latents - stats["mean"]) / stats["std"], (test_latents - stats["mean"]) / stats["std"]
+    stats["bound"] = train_z.abs().max(0).values  # (D,), where sampling clips x0_hat
+    latent_dim = train_z.shape[1]
+
+    # model, diffusion process, optimiser, EMA
+    torch.manual_seed(args.seed)
+    model_args = {"latent_dim": latent_dim, "hidden_dim": args.hidden_dim, "num_blocks": args.num_blocks}
+    model = LatentDenoiser(**model_args).to(device)
+    ema = common.EMA(model, args.ema_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    process = common.gaussian_process(args.T, "linear", args.beta_start, args.beta_end)
+    forward = torch.compile(model) if args.compile else model
+    print(f"latent denoiser: {common.count_parameters(model):,} parameters; {len(train_z)} training latents of dim {latent_dim}")
+
+    config = {**vars(args), "ae_ckpt": ae_path, "ae_kind": ae_meta["kind"], "ae_args": ae_meta["args"],
+              "dataset_used": data["name"], "train_size": len(train_z), "test_size": len(test_z),
+              "parameters": common.count_parameters(model)}
+    resumable = find_resumable_run(args, config) if args.auto_resume else None
+    run_dir = resumable or os.path.join(args.outdir, args.run_name or f"{run_prefix(args)}-{time.strftime('%Y%m%d-%H%M%S')}")
+    for sub in ("checkpoints", "samples", "logs"):
+        common.prepare_outdir(os.path.join(run_dir, sub))
+    last_path, best_path = os.path.join(run_dir, "checkpoints", "last.pt"), os.path.join(run_dir, "checkpoints", "best.pt")
+    config["run_dir"] = run_dir
+    meta = common.checkpoint_meta(SCRIPT, KIND, args=model_args, T=args.T, beta_start=args.beta_start,
+                                  beta_end=args.beta_end, ae_ckpt=ae_path, ae_kind=ae_meta["kind"],
+                                  only_digit=args.only_digit, dataset=data["name"])
+
+    # training randomness (batch order aside) comes from one generator whose state is checkpointed
+    generator = torch.Generator().manual_seed(args.seed)
+    steps_per_epoch = (len(train_z) + args.batch_size - 1) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+
+    def learning_rate(step):  # a function of the step alone, so resuming needs no scheduler state
+        if args.lr_schedule == "cosine":
+            return args.lr * 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0)))
+        return args.lr
+
+    epoch, batch_index, step, elapsed, best_val, epochs_without_improvement = 0, 0, 0, 0.0, float("inf"), 0
+    last_loss = float("nan")
+    if resumable is None and os.path.isfile(last_path):
+        raise UserError(f"{last_path} exists" + (" but was trained with other settings" if args.auto_resume else
+                                                 "; pass --auto-resume to continue that run") + ", or pick another --run-name")
+    if resumable:
+        state = common.load_checkpoint(last_path, script=SCRIPT, kinds={KIND})
+        common.load_model_state(model, state["model"], last_path)
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        common.set_rng_state(state["rng"])
+        epoch, batch_index, step, elapsed = state["epoch"], state["batch_index"], state["step"], state["elapsed"]
+        best_val, epochs_without_improvement = state["best_val"], state["epochs_without_improvement"]
+        print(f"resuming {run_dir} at epoch {epoch}, step {step}")
+    print(f"run directory: {run_dir}")
+    common.write_json(os.path.join(run_dir, "config.json"), config)
+    logger = common.RunLogger(os.path.join(run_dir, "logs"), config, args.wandb, name=os.path.basename(run_dir))
+
+    # fixed validation noise: the EMA model's eps-MSE on the test latents is comparable across epochs
+    validation_generator = torch.Generator().manual_seed(args.seed + 1)
+    val_t = torch.randint(1, args.T + 1, (len(test_z),), generator=validation_generator).to(device)
+    val_noise = torch.randn(test_z.shape, generator=validation_generator).to(device)
+
+    def validation_loss():
+        with torch.no_grad():
+            z_t = common.q_sample(process, test_z, val_t, val_noise)
+            return F.mse_loss(ema.model(z_t, val_t), val_noise).item()
+
+    def save(path):
+        common.save_checkpoint(path, {
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "epoch": epoch, "batch_index": batch_index, "step": step, "elapsed": elapsed,
+            "best_val": best_val, "epochs_without_improvement": epochs_without_improvement,
+            "generator": generator.get_state(), "rng": common.rng_state(),
+            "latent_stats": {key: value.cpu() for key, value in stats.items()}, "config": config, "meta": meta})
+
+    def sample_grid(name, count):
+        z = sample_latents(ema.model, process, stats, count, "dpmpp", min(20, args.T), seed=args.seed, device=device)
+        path = common.save_image_grid(os.path.join(run_dir, "samples", name), decode_latents(autoencoder, z, stats), nrow=8)
+        logger.log_image(f"samples/{name}", path, caption=f"epoch {epoch}, DPM-Solver++ 20 steps")
+        return path
+
+    # training loop: eps-prediction MSE (Ho et al. 2020, Alg. 1) on normalised latents
+    stop = common.StopSignal()
+    started = time.time() - elapsed
+    try:
+        while epoch < args.epochs:
+            model.train()
+            order = torch.randperm(len(train_z), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).to(device)
+            bar = tqdm(range(batch_index, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
+                       disable=args.no_progress, mininterval=1.0, leave=False)
+            for batch_index in bar:
+                z0 = train_z[order[batch_index * args.batch_size:(batch_index + 1) * args.batch_size]]  # (B, D)
+                t = torch.randint(1, args.T + 1, (len(z0),), generator=generator).to(device)   # (B,)
+                noise = torch.randn(z0.shape, generator=generator).to(device)                  # (B, D)
+                with common.autocast(device, args.amp):
+                    loss = F.mse_loss(forward(common.q_sample(process, z0, t, noise), t).float(), noise)
+                if not torch.isfinite(loss):
+                    raise UserError(f"loss is {loss.item()} at step {step}; stopped "
+                                    f"(last good checkpoint: {last_path if os.path.exists(last_path) else 'none'})")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step)
+                optimizer.step()
+                ema.update(model)
+                step += 1
+                last_loss = loss.item()
+                bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
+                if step % args.log_every == 0:
+                    logger.log({"train/loss": last_loss, "train/learning_rate": learning_rate(step - 1),
+                                "progress/epoch": epoch + (batch_index + 1) / steps_per_epoch}, step=step)
+                if stop.received:
+                    batch_index += 1
+                    elapsed = time.time() - started
+                    save(last_path)
+                    print(f"{stop.received} received: saved {last_path} at step {step}; rerun with --auto-resume")
+                    return
+            epoch, batch_index = epoch + 1, 0
+            elapsed = time.time() - started
+            val = validation_loss()
+            improved = val < best_val
+            best_val, epochs_without_improvement = (val, 0) if improved else (best_val, epochs_without_improvement + 1)
+            logger.log({"val/eps_mse_ema": val, "progress/epoch": epoch, "time/elapsed_s": elapsed}, step=step)
+            print(f"epoch {epoch}/{args.epochs}: train loss {last_loss:.4f}, validation eps-MSE (EMA) {val:.4f} ({elapsed:.0f} s)")
+            if args.generate_images:
+                sample_grid(f"epoch-{epoch:03d}.png", args.samples_per_epoch)
+            save(last_path)
+            if improved:
+                save(best_path)
+            if args.early_stopping_patience and epochs_without_improvement >= args.early_stopping_patience:
+                print(f"early stopping: no better validation loss for {epochs_without_improvement} epochs")
+                break
+    finally:
+        stop.close()
+
+    # evaluation of the final EMA model: everything beside its reference
+    results = {"run_dir": run_dir, "dataset": data["name"], "only_digit": args.only_digit, "epochs": epoch,
+               "steps": step, "train_time_s": elapsed, "best_val_eps_mse": best_val,
+               "autoencoder": {"checkpoint": ae_path, "kind": ae_meta["kind"],
+                               "test_reconstruction_mse": autoencoders.reconstruction_mse(autoencoder, data["x_test"])}}
+    print(f"AE test reconstruction MSE {results['autoencoder']['test_reconstruction_mse']:.5f}")
+    results["samples_png"] = sample_grid("final.png", 64)
+    if args.eval_samples:
+        results.update(evaluate_samples(ema.model, process, autoencoder, stats, data,
+                                        args.only_digit, args.eval_samples, args.eval_sampler, args.eval_steps,
+                                        args.seed, args.data_dir, device, progress=not args.no_progress))
+    common.write_json(os.path.join(run_dir, "results.json"), results)
+    logger.log({f"final/{k}": v for k, v in flatten(results).items() if isinstance(v, (int, float))}, step=step)
+    logger.finish(flatten(results))
+    print(f"wrote {os.path.join(run_dir, 'results.json')}")
+    return results
+
+
+def flatten(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def evaluate_samples(model, process, autoencoder, stats, data, only_digit, count, sampler, steps,
+                     seed, data_dir, device, progress=False):
+    """Classifier Frechet distance and class shares of `count` decoded samples, against the test images
+    (of `only_digit` if given), beside the same metrics for real training images (the sampling floor)
+    and AE reconstructions of the test images (the autoencoder's ceiling)."""
+    classifier = common.load_mnist_classifier(data, data_dir, device)
+    test_x, train_x = data["x_test"], data["x"]
+    if only_digit is not None:
+        test_x, train_x = test_x[data["y_test"] == only_digit], train_x[data["y"] == only_digit]
+    reference, _ = common.classifier_outputs(classifier, test_x)
+    start = time.time()
+    z = sample_latents(model, process, stats, count, sampler, steps, seed=seed + 2, device=device, progress=progress)
+    samples = decode_latents(autoencoder, z, stats)
+    sampling_s = time.time() - start
+    real_subset = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:count].to(train_x.device)]
+    with torch.no_grad():
+        reconstructions = torch.cat([autoencoder(test_x[i:i + 1000]).float() for i in range(0, len(test_x), 1000)])
+    metrics = {
+        "samples": common.sample_metrics(classifier, samples, reference, only_digit),
+        "real_train_images": common.sample_metrics(classifier, real_subset, reference, only_digit),
+        "ae_reconstructions_of_test": common.sample_metrics(classifier, reconstructions, reference, only_digit),
+    }
+    metrics["samples"].update({"count": count, "sampler": sampler, "steps": steps, "sampling_s": sampling_s})
+    metrics["real_train_images"]["count"] = len(real_subset)
+    metrics["ae_reconstructions_of_test"]["count"] = len(reconstructions)
+    metrics["fd_ratio_samples_to_reconstructions"] = metrics["samples"]["fd"] / metrics["ae_reconstructions_of_test"]["fd"]
+    for name in ("samples", "real_train_images", "ae_reconstructions_of_test"):
+        line = f"{name:>27}: classifier FD {metrics[name]['fd']:.3f}"
+        if only_digit is not None:
+            line += f", classified as {only_digit}: {metrics[name]['digit_accuracy']:.1%}"
+        print(line)
+    print(f"FD(samples) / FD(AE reconstructions) = {metrics['fd_ratio_samples_to_reconstructions']:.2f} "
+          f"({sampler}, {steps} steps, {count} samples, {sampling_s:.0f} s)")
+    return {"evaluation": metrics}
+
+
+# ----------------------------------------------------------------------------------------------
+# generation
+
+def generate(argv):
+    parser = argparse.ArgumentParser(prog="latent_diffusion.py generate",
+                                     description="Sample images from a trained latent diffusion checkpoint.")
+    parser.add_argument("--ckpt", required=True, help="latent_diffusion checkpoint (checkpoints/last.pt or best.pt)")
+    parser.add_argument("--ae-ckpt", default=None, help="autoencoder checkpoint (default: the path stored in --ckpt)")
+    parser.add_argument("--num-images", type=common.positive_int, default=64, help="how many images")
+    parser.add_argument("--output", default="generated.png", help="PNG grid to write")
+    parser.add_argument("--nrow", type=common.positive_int, default=None, help="images per row (default: ~sqrt)")
+    parser.add_argument("--sampler", choices=sorted(common.SAMPLERS), default="dpmpp", help="sampler from common.py")
+    parser.add_argument("--steps", type=common.positive_int, default=20, help="sampler steps (network evaluations)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the start noise")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    args = parser.parse_args(argv)
+    device = common.pick_device(args.device)
+    model, process, stats, meta = load_denoiser(args.ckpt, device)
+    if args.steps > process.T:
+        raise UserError(f"--steps must be <= T = {process.T} of this checkpoint, got {args.steps}")
+    ae_path = args.ae_ckpt or meta["ae_ckpt"]
+    if args.ae_ckpt is None and not os.path.isfile(ae_path):
+        raise UserError(f"the autoencoder this model was trained on ({ae_path}) is gone; pass --ae-ckpt")
+    autoencoder, ae_meta = autoencoders.load_autoencoder(ae_path, device)
+    if ae_meta["args"]["latent_dim"] != meta["args"]["latent_dim"]:
+        raise UserError(f"{ae_path} has a {ae_meta['args']['latent_dim']}-D latent, the model expects "
+                        f"{meta['args']['latent_dim']}-D")
+    z = sample_latents(model, process, stats, args.num_images, args.sampler, args.steps, seed=args.seed, device=device,
+                       progress=True)
+    images = decode_latents(autoencoder, z, stats)
+    nrow = args.nrow or max(1, round(args.num_images ** 0.5))
+    path = common.save_image_grid(args.output, images, nrow=nrow)
+    print(f"wrote {args.num_images} images ({args.sampler}, {args.steps} steps) to {path}")
+    return path
+
+
+if __name__ == "__main__":
+    common.run_main(main)
