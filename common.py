@@ -533,6 +533,21 @@ def load_checkpoint(path, script=None, kinds=None, map_location="cpu"):
     return state
 
 
+def training_state(model, ema, optimizer, generator):
+    """The part of a training checkpoint every diffusion script shares; add progress, config and meta."""
+    return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(), "rng": rng_state()}
+
+
+def restore_training_state(checkpoint, path, model, ema, optimizer, generator):
+    """Inverse of training_state: load model (shape-checked), EMA, optimizer, noise generator, global RNGs."""
+    load_model_state(model, checkpoint["model"], path)
+    ema.load_state_dict(checkpoint["ema"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    generator.set_state(checkpoint["generator"])
+    set_rng_state(checkpoint["rng"])
+
+
 def load_model_state(model, state_dict, path):
     """load_state_dict that reports a shape/architecture mismatch as one UserError line."""
     try:

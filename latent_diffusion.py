@@ -299,11 +299,7 @@ def main(argv=None):
                                                  "; pass --auto-resume to continue that run") + ", or pick another --run-name")
     if resumable:
         state = common.load_checkpoint(last_path, script=SCRIPT, kinds={KIND})
-        common.load_model_state(model, state["model"], last_path)
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        common.set_rng_state(state["rng"])
+        common.restore_training_state(state, last_path, model, ema, optimizer, generator)
         epoch, batch_index, step, elapsed = state["epoch"], state["batch_index"], state["step"], state["elapsed"]
         best_val, epochs_without_improvement = state["best_val"], state["epochs_without_improvement"]
         print(f"resuming {run_dir} at epoch {epoch}, step {step}")
@@ -323,10 +319,9 @@ def main(argv=None):
 
     def save(path):
         common.save_checkpoint(path, {
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            **common.training_state(model, ema, optimizer, generator),
             "epoch": epoch, "batch_index": batch_index, "step": step, "elapsed": elapsed,
             "best_val": best_val, "epochs_without_improvement": epochs_without_improvement,
-            "generator": generator.get_state(), "rng": common.rng_state(),
             "latent_stats": {key: value.cpu() for key, value in stats.items()}, "config": config, "meta": meta})
 
     def sample_grid(name, count):

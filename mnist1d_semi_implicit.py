@@ -356,12 +356,8 @@ def run_config(name, seed, args, data, classifier, reference_features, device, s
     state = {"epoch": 0, "step_in_epoch": 0, "history": [], "running": {}, "runtime_s": 0.0}
     if args.resume and os.path.exists(checkpoint_path):
         checkpoint = common.load_checkpoint(checkpoint_path, script=SCRIPT, kinds={name})
-        common.load_model_state(model, checkpoint["model"], checkpoint_path)
-        ema.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        common.restore_training_state(checkpoint, checkpoint_path, model, ema, optimizer, generator)
         schedule.load_state_dict(checkpoint["lr_schedule"])
-        generator.set_state(checkpoint["generator"])
-        common.set_rng_state(checkpoint["rng"])
         state = checkpoint["progress"]
         print(f"[{name} seed {seed}] resuming at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
     train_model = torch.compile(model) if args.compile else model
@@ -370,8 +366,7 @@ def run_config(name, seed, args, data, classifier, reference_features, device, s
 
     def save(path=checkpoint_path):
         common.save_checkpoint(path, {
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "lr_schedule": schedule.state_dict(), "generator": generator.get_state(), "rng": common.rng_state(),
+            **common.training_state(model, ema, optimizer, generator), "lr_schedule": schedule.state_dict(),
             "progress": state, "config": vars(args),
             "meta": common.checkpoint_meta(SCRIPT, name, seed=seed, width=args.width, T=args.T)})
 
