@@ -72,7 +72,9 @@ class LatentDenoiser(nn.Module):
         self.output = nn.Sequential(nn.LayerNorm(hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, latent_dim))
 
     def forward(self, z_t, t):
-        if t.numel() > 1 and bool((t == t[0]).all()):  # sampling: one time for the batch, embed it once
+        # sampling (eval mode) passes one time for the whole batch: embed it once. Not in training, where the
+        # check would cost a device sync per step and a graph break under torch.compile.
+        if not self.training and t.numel() > 1 and bool((t == t[0]).all()):
             emb = self.time_mlp(common.timestep_embedding(t[:1], self.time_dim)).expand(len(t), -1)
         else:
             emb = self.time_mlp(common.timestep_embedding(t, self.time_dim))  # (B, H)

@@ -10,8 +10,11 @@ Runs, as a user would, each timed end to end (process start to exit, evaluation 
      FD(decoded samples) / FD(AE reconstructions of test)                        (target <= 1.5)
   4. the same checkpoint sampled with DPM-Solver++, 20 steps                     (target: FD at most 10% above 3.)
   5. python latent_diffusion.py --only-digit D (20 epochs): share classified as D (target >= 95%)
-  3-5 run twice: with the spec's defaults (--lr 2e-4, constant) and tuned (--lr 1e-3 --lr-schedule cosine).
+  3-5 run for each of CONFIGS: the spec's defaults (20 epochs, --lr 2e-4 constant), tuned (20 epochs, --lr 1e-3
+  --lr-schedule cosine) and long (the tuned settings for 300 epochs, the FD target's recipe; ~30 min of training
+  on one CPU thread).
 Time target: 1 + 2 + 3 (training the two AEs and a 20-epoch latent model) <= 15 minutes on the 2-core CPU.
+`--configs default tuned` skips the long run.
 Writes <outdir>/bench.json and prints a Markdown table. The MNIST classifier is trained (once, cached in
 --data-dir) before the timed steps, so its one-off cost is reported separately.
 """
@@ -33,8 +36,10 @@ import common  # noqa: E402
 import latent_diffusion  # noqa: E402
 
 
-# latent-model configurations: the spec's defaults, and a tuned one (higher peak LR, cosine decay)
-CONFIGS = (("default", []), ("tuned", ["--lr", "1e-3", "--lr-schedule", "cosine"]))
+# latent-model configurations (name, epochs, extra flags): the spec's defaults, a tuned one (higher peak LR,
+# cosine decay) and the tuned one trained long enough for the FD target
+TUNED = ["--lr", "1e-3", "--lr-schedule", "cosine"]
+CONFIGS = (("default", 20, []), ("tuned", 20, TUNED), ("long", 300, TUNED))
 
 
 def timed_run(argv, log_path, run_dir):
@@ -60,7 +65,10 @@ def main():
     parser.add_argument("--outdir", default=None, help="where the runs go (default: bench/runs-<dataset>)")
     parser.add_argument("--conv-epochs", type=common.positive_int, default=None, help="conv AE epochs (default: script default)")
     parser.add_argument("--mlp-epochs", type=common.positive_int, default=None, help="MLP AE epochs (default: script default)")
-    parser.add_argument("--latent-epochs", type=common.positive_int, default=20, help="latent model epochs")
+    parser.add_argument("--configs", nargs="+", choices=[c[0] for c in CONFIGS], default=[c[0] for c in CONFIGS],
+                        help="latent-model configurations to run (default: all)")
+    parser.add_argument("--latent-epochs", type=common.positive_int, default=None,
+                        help="latent model epochs for every configuration (default: each configuration's own)")
     parser.add_argument("--digit", type=int, default=7, help="digit of the --only-digit run")
     parser.add_argument("--eval-samples", type=common.positive_int, default=10000, help="decoded samples scored")
     parser.add_argument("--skip-digit", action="store_true", help="skip the --only-digit run")
@@ -97,15 +105,17 @@ def main():
     autoencoder, _ = autoencoders.load_autoencoder(ae_path)
     autoencoders.save_tsne(os.path.join(outdir, "ae-conv", "tsne.png"),  # for the README, outside the timings
                            autoencoders.encode_all(autoencoder, data["x_test"][:2000]), data["y_test"][:2000], 42)
-    for config, extra in CONFIGS:
-        latent_flags = ["--ae-ckpt", ae_path, "--outdir", outdir, "--epochs", str(args.latent_epochs),
+    configs = [c for c in CONFIGS if c[0] in args.configs]
+    for config, epochs, extra in configs:
+        epochs = args.latent_epochs or epochs
+        latent_flags = ["--ae-ckpt", ae_path, "--outdir", outdir, "--epochs", str(epochs),
                         "--eval-samples", str(args.eval_samples), "--cache-dir", "", *extra, *common_flags]
         name = f"latent-dall-{config}"
         wall = timed_run(["latent_diffusion.py", *latent_flags, "--run-name", name], os.path.join(outdir, f"{name}.log"),
                          os.path.join(outdir, name))
         results = read_json(os.path.join(outdir, name, "results.json"))
         evaluation = results["evaluation"]
-        latent = {"flags": " ".join(extra) or "(defaults)", "train_s": results["train_time_s"], "wall_s": wall,
+        latent = {"flags": " ".join([f"--epochs {epochs}", *extra]), "epochs": epochs, "train_s": results["train_time_s"], "wall_s": wall,
                   "fd_samples_ddpm1000": evaluation["samples"]["fd"], "sampling_s_ddpm1000": evaluation["samples"]["sampling_s"],
                   "fd_ae_reconstructions": evaluation["ae_reconstructions_of_test"]["fd"],
                   "fd_real_train": evaluation["real_train_images"]["fd"],
@@ -141,11 +151,13 @@ def main():
     rows = [
         ("conv AE test reconstruction MSE", f"{report['ae_conv']['test_mse']:.4f}", "<= 0.015", report["ae_conv"]["test_mse"] <= 0.015),
         ("MLP AE test reconstruction MSE", f"{report['ae_mlp']['test_mse']:.4f}", "-", None),
-        ("both AEs + 20-epoch latent model (defaults), wall incl. evaluation", f"{report['pipeline_wall_s'] / 60:.1f} min",
-         "<= 15 min", report["pipeline_wall_s"] <= 900),
-        ("  the same, training only", f"{report['pipeline_train_s'] / 60:.1f} min", "<= 15 min", report["pipeline_train_s"] <= 900),
     ]
-    for config, _ in CONFIGS:
+    if "pipeline_wall_s" in report:  # the time target is on the default configuration
+        rows += [(f"both AEs + {report['latent_default']['epochs']}-epoch latent model (defaults), wall incl. evaluation",
+                  f"{report['pipeline_wall_s'] / 60:.1f} min", "<= 15 min", report["pipeline_wall_s"] <= 900),
+                 ("  the same, training only", f"{report['pipeline_train_s'] / 60:.1f} min", "<= 15 min",
+                  report["pipeline_train_s"] <= 900)]
+    for config, _, _ in configs:
         latent = report[f"latent_{config}"]
         rows += [
             (f"[{latent['flags']}] FD(samples, DDPM 1000) / FD(AE recon.)", f"{latent['fd_samples_ddpm1000']:.2f} / "
@@ -160,7 +172,7 @@ def main():
     print(f"\n{args.dataset}, {report['machine']}, {report['date']}, load average {report['load_average_at_start']:.1f} "
           f"at start, {report['load_average_at_end']:.1f} at end")
     print(f"classifier test accuracy {report['classifier']['test_accuracy']:.2%}; "
-          f"FD real train vs test {report['latent_default']['fd_real_train']:.2f}")
+          f"FD real train vs test {report[f'latent_{configs[0][0]}']['fd_real_train']:.2f}")
     print("| measurement | value | target | met |\n|---|---|---|---|")
     for name, value, target, met in rows:
         print(f"| {name} | {value} | {target} | {'-' if met is None else ('yes' if met else 'NO')} |")

@@ -295,9 +295,11 @@ def test_samplers_recover_gaussian_mean_and_variance(sampler, steps, rtol):
     assert torch.allclose(samples.std(0), std, rtol=rtol)  # DPM-Solver++ 20 steps: 4% low on the narrow axis
 
 
-def test_denoiser_shapes_and_film_identity_at_init():
+def test_denoiser_shapes_and_shared_time_shortcut():
     model = latent_diffusion.LatentDenoiser(latent_dim=16, hidden_dim=32, num_blocks=2)
     z, t = torch.randn(5, 16), torch.tensor([1, 10, 100, 500, 1000])
     assert model(z, t).shape == (5, 16)
-    same_t = torch.full((5,), 7)  # the shared-time shortcut used while sampling gives the per-sample result
-    assert torch.allclose(model(z, same_t), torch.cat([model(z[i:i + 1], same_t[:1]) for i in range(5)]), atol=1e-6)
+    same_t = torch.full((5,), 7)  # the shared-time shortcut (eval mode, sampling) gives the per-sample result
+    per_sample = model(z, same_t)  # train mode: no shortcut
+    assert torch.allclose(model.eval()(z, same_t), per_sample, atol=1e-6)
+    assert torch.allclose(per_sample, torch.cat([model(z[i:i + 1], same_t[:1]) for i in range(5)]), atol=1e-6)
