@@ -281,17 +281,15 @@ def main(argv=None):
                     loss = F.binary_cross_entropy_with_logits(logits, batch)
                 else:
                     loss = F.mse_loss(torch.sigmoid(logits), batch)
-                if not torch.isfinite(loss):
-                    raise UserError(f"loss is {loss.item()} at step {step}; stopped "
-                                    f"(last good checkpoint: {checkpoint_path if os.path.exists(checkpoint_path) else 'none'})")
+                loss_value = common.finite_loss(loss, f"step {step}", checkpoint_path)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                bar.set_postfix(loss=f"{loss.item():.5f}", refresh=False)
+                bar.set_postfix(loss=f"{loss_value:.5f}", refresh=False)
                 if step % args.log_every == 0:
-                    logger.log({"train/loss": loss.item(), "train/learning_rate": scheduler.get_last_lr()[0],
+                    logger.log({"train/loss": loss_value, "train/learning_rate": scheduler.get_last_lr()[0],
                                 "progress/epoch": epoch + (batch_index + 1) / steps_per_epoch}, step=step)
                 if stop.received:
                     batch_index += 1

@@ -558,6 +558,17 @@ def load_model_state(model, state_dict, path):
                         f"{first[1].strip() if len(first) > 1 else ''}".strip())
 
 
+def finite_loss(loss, where, checkpoint_path):
+    """The loss as a float, or, if it is NaN/inf, a UserError that stops the run (SPEC: stop, keep the last
+    good checkpoint) naming where it happened and that checkpoint ('none' before the first save).
+    One .item() per step: callers log the returned value instead of reading the tensor again."""
+    value = loss.item()
+    if not math.isfinite(value):
+        kept = checkpoint_path if os.path.exists(checkpoint_path) else "none"
+        raise UserError(f"loss is {value} at {where}; stopped (last good checkpoint: {kept})")
+    return value
+
+
 # ----------------------------------------------------------------------------------------------
 # logging and run directory
 
@@ -958,8 +969,8 @@ def load_mnist_classifier(data, data_dir="./data", device="cpu"):
     try:
         os.makedirs(data_dir, exist_ok=True)
         save_checkpoint(path, {"model": classifier.state_dict(),
-                                      "meta": checkpoint_meta("common", "mnist-classifier", dataset=data["name"],
-                                                                     test_accuracy=accuracy, epochs=epochs)})
+                               "meta": checkpoint_meta("common", "mnist-classifier", dataset=data["name"],
+                                                       test_accuracy=accuracy, epochs=epochs)})
     except OSError as error:
         print(f"could not cache the classifier in {data_dir} ({error.strerror}); it will be retrained next time")
     return classifier

@@ -347,9 +347,7 @@ def main(argv=None):
                 noise = torch.randn(z0.shape, generator=generator).to(device)                  # (B, D)
                 with common.autocast(device, args.amp):
                     loss = F.mse_loss(forward(common.q_sample(process, z0, t, noise), t).float(), noise)
-                if not torch.isfinite(loss):
-                    raise UserError(f"loss is {loss.item()} at step {step}; stopped "
-                                    f"(last good checkpoint: {last_path if os.path.exists(last_path) else 'none'})")
+                last_loss = common.finite_loss(loss, f"step {step}", last_path)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 for group in optimizer.param_groups:
@@ -357,7 +355,6 @@ def main(argv=None):
                 optimizer.step()
                 ema.update(model)
                 step += 1
-                last_loss = loss.item()
                 bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
                 if step % args.log_every == 0:
                     logger.log({"train/loss": last_loss, "train/learning_rate": learning_rate(step - 1),

@@ -384,20 +384,18 @@ def run_config(name, seed, args, data, classifier, reference_features, device, s
         batch = order[step * args.batch_size:(step + 1) * args.batch_size]
         with common.autocast(device):
             loss, parts = training_losses(train_model, process, args, loss_kind, semi_implicit, x[batch], y[batch], generator)
-        if not math.isfinite(loss.item()):
-            raise common.UserError(f"[{name}] loss became {loss.item()} at epoch {epoch + 1} step {step}; "
-                                   f"stopped, last good checkpoint kept at {checkpoint_path}")
+        loss_value = common.finite_loss(loss, f"[{name}] epoch {epoch + 1} step {step}", checkpoint_path)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         schedule.step()
         ema.update(model)
-        for key, value in {"loss": loss.item(), **parts}.items():
+        for key, value in {"loss": loss_value, **parts}.items():
             state["running"][key] = state["running"].get(key, 0.0) + value
         state["step_in_epoch"] = step + 1
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         if step + 1 == steps_per_epoch:
             means = {key: value / steps_per_epoch for key, value in state["running"].items()}
             state["history"].append(means)

@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import random
+import re
 import signal
 
 import numpy as np
@@ -851,6 +852,18 @@ def test_load_model_state_mismatch_is_user_error():
     load_model_state(model, nn.Linear(3, 4).state_dict(), "x.pt")
     with pytest.raises(UserError, match="does not fit") as info:
         load_model_state(model, nn.Linear(5, 4).state_dict(), "x.pt")
+    assert "\n" not in str(info.value)
+
+
+def test_finite_loss_returns_the_value_or_stops_naming_the_kept_checkpoint(tmp_path):
+    path = str(tmp_path / "last.pt")
+    assert common.finite_loss(torch.tensor(0.25), "step 3", path) == 0.25
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(UserError, match=r"at step 3; stopped \(last good checkpoint: none\)"):
+            common.finite_loss(torch.tensor(bad), "step 3", path)
+    common.save_checkpoint(path, {"step": 2})
+    with pytest.raises(UserError, match="last good checkpoint: " + re.escape(path)) as info:
+        common.finite_loss(torch.tensor(float("nan")), "step 3", path)
     assert "\n" not in str(info.value)
 
 

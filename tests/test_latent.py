@@ -152,6 +152,16 @@ def test_autoencoder_resume_after_preemption_reproduces_uninterrupted_run(tmp_pa
         autoencoders.main(argv("interrupted", "--resume", "--batch-size", "64"))
 
 
+def test_nan_loss_stops_with_one_line(tmp_path, monkeypatch, capsys):
+    nan = lambda logits, target: (logits * float("nan")).mean()
+    monkeypatch.setattr(torch.nn.functional, "binary_cross_entropy_with_logits", nan)
+    status = run_cli(autoencoders.main, ["--model", "mlp", "--dataset", "mnist5k", "--epochs", "1",
+                                         "--outdir", str(tmp_path / "ae"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1
+    assert "loss is nan at step 0; stopped (last good checkpoint: none)" in err
+
+
 def test_conv_decoder_output_shape_and_range():
     model = autoencoders.ConvAutoencoder()
     z = model.encode(torch.rand(3, 1, 28, 28))
