@@ -178,7 +178,7 @@ def save_tsne(path, latents, labels, seed):
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=KINDS, default="conv", help="autoencoder kind")
     parser.add_argument("--outdir", default=None, help="run directory (default: runs/ae-<model>)")
     parser.add_argument("--epochs", type=common.positive_int, default=None,

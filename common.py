@@ -1,7 +1,7 @@
 """Shared pieces of diffusion-lab: what two or more experiment scripts use.
 
 Sections, top to bottom:
-  errors and entry point   UserError, run_main
+  errors and entry point   UserError, run_main, ArgumentParser (one-line flag errors)
   device, seeding, rng     pick_device, seed_everything, rng_state / set_rng_state
   schedules and processes  linear_beta_schedule, cosine_alpha_bar, Process, gaussian_process, convex_process
   diffusion maths          q_sample, posterior, vlb_terms, prior_kl
@@ -17,6 +17,7 @@ Sections, top to bottom:
 Conventions: a process is x_t = a_t * x0 + b_t * eps for integer t in 0..T, with a_0 = 1, b_0 = 0.
 Every sampler takes a denoiser `denoise(x_t, t) -> x0_hat`, where t is a (B,) long tensor.
 """
+import argparse
 import gzip
 import hashlib
 import json
@@ -54,6 +55,15 @@ def run_main(main):
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error contract: a bad flag is one `error: ...` line and exit status 2
+    (argparse's default prints the whole usage block first). `--help` still prints everything."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 

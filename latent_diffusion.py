@@ -163,7 +163,7 @@ def encoded_latents(autoencoder, data, ae_path, cache_dir, device):
 # training
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ae-ckpt", help="autoencoder checkpoint written by autoencoders.py (kind read from it)")
     source.add_argument("--ae-ckpt-dir", help="use the newest AE checkpoint under this directory (conv before mlp)")
@@ -451,7 +451,7 @@ def evaluate_samples(model, process, autoencoder, stats, data, only_digit, count
 # generation
 
 def generate(argv):
-    parser = argparse.ArgumentParser(prog="latent_diffusion.py generate",
+    parser = common.ArgumentParser(prog="latent_diffusion.py generate",
                                      description="Sample images from a trained latent diffusion checkpoint.")
     parser.add_argument("--ckpt", required=True, help="latent_diffusion checkpoint (checkpoints/last.pt or best.pt)")
     parser.add_argument("--ae-ckpt", default=None, help="autoencoder checkpoint (default: the path stored in --ckpt)")

@@ -64,7 +64,7 @@ def prime_inverse(x, y):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--outdir", default="runs/mnist1d", help="directory for everything the run writes")
     p.add_argument("--data-dir", default="./data", help="where the generated MNIST1D pickle and the classifier are cached")
     p.add_argument("--configs", nargs="+", default=ALL_CONFIGS, choices=ALL_CONFIGS, metavar="CONFIG",
