@@ -536,8 +536,8 @@ def test_validation_split_is_fixed_stratified_and_test_is_not_used_for_selection
 @pytest.mark.parametrize("argv,message", [
     (["--eval-samples", "1"], "--eval-samples must be 0 (no sample metrics) or >= 2"),
     (["--eval-samples", "-5"], "--eval-samples must be 0"),
-    (["--threads", "-1"], "--threads"),
-    (["--threads", "0"], "--threads"),
+    (["--threads", "-1"], "argument --threads: invalid positive_int value: '-1'"),
+    (["--threads", "0"], "argument --threads: invalid positive_int value: '0'"),
     (["--early-stopping-patience", "-1"], "--early-stopping-patience must be >= 0"),
     (["--run-name", "a/b"], "--run-name must be a plain directory name"),
     (["--eval-steps", "2000"], "--eval-steps must be <= --T"),
@@ -554,7 +554,7 @@ def test_bad_flags_are_refused_before_anything_runs(argv, message, tmp_path, cap
 def test_autoencoders_refuse_bad_threads(tmp_path, capsys):
     assert run_cli(autoencoders.main, ["--outdir", str(tmp_path / "ae"), "--threads", "-1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "--threads" in err and len(err.splitlines()) == 1
+    assert "argument --threads: invalid positive_int value: '-1'" in err and len(err.splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------------------------
