@@ -139,7 +139,8 @@ def main():
                                                  args.eval_samples, "ddpm", 1000, 42, "cpu")
         latent.update({"fd_samples_ddpm1000": ddpm["samples"]["fd"], "sampling_s_ddpm1000": ddpm["samples"]["sampling_s"],
                        "fd_ratio_ddpm1000": ddpm["fd_ratio_samples_to_decoded_train"],
-                       "dpmpp20_vs_ddpm1000": latent_diffusion.fd_ratio(latent["fd_samples_dpmpp20"], ddpm["samples"]["fd"]) - 1})
+                       "dpmpp20_vs_ddpm1000": (latent_diffusion.fd_ratio(latent["fd_samples_dpmpp20"], ddpm["samples"]["fd"])
+                                               or float("nan")) - 1})
 
         # one digit
         if not args.skip_digit:
