@@ -475,15 +475,19 @@ def clip_scorer(source, device):
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=device).view(1, 3, 1, 1)
 
+    # transformers < 5 returns the projected embedding, >= 5 an output object holding it as pooler_output
+    projected = lambda out: out if torch.is_tensor(out) else out.pooler_output
+
     @torch.no_grad()
     def score(images, prompts, batch_size=100):
         total = 0.0
         for start in range(0, len(images), batch_size):
             x = F.interpolate(images[start:start + batch_size].float().expand(-1, 3, -1, -1), size=(size, size),
                               mode="bicubic", align_corners=False).clamp(0, 1)
-            image_emb = F.normalize(model.get_image_features(pixel_values=(x - mean) / std), dim=-1)
-            batch = tokenizer(prompts[start:start + batch_size], padding=True, truncation=True, return_tensors="pt").to(device)
-            text_emb = F.normalize(model.get_text_features(**batch), dim=-1)
+            image_emb = F.normalize(projected(model.get_image_features(pixel_values=(x - mean) / std)), dim=-1)
+            batch = tokenizer(prompts[start:start + batch_size], padding=True, truncation=True, return_tensors="pt",
+                              max_length=model.config.text_config.max_position_embeddings).to(device)
+            text_emb = F.normalize(projected(model.get_text_features(**batch)), dim=-1)
             total += (100 * (image_emb * text_emb).sum(-1).clamp(min=0)).sum().item()
         return total / len(images)
     return score
