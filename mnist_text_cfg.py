@@ -708,7 +708,7 @@ def train(args, rank, world_size, device):
         if not args.max_minutes or progress["step"] < 20:
             return progress["total_steps"]
         fit = progress["step"] + int((args.max_minutes * 60 - elapsed) / (elapsed / progress["step"]))
-        planned = torch.tensor([max(progress["step"] + 1, min(fit, step_limit))])
+        planned = torch.tensor([max(progress["step"], min(fit, step_limit))])  # budget spent: stop now
         if world_size > 1:
             dist.broadcast(planned, 0)
         return int(planned)

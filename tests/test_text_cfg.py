@@ -248,6 +248,13 @@ def test_checkpoints_keep_the_last_n(tmp_path, data_dir):
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["ckpt-00000006.pt", "ckpt-00000008.pt", "final.pt"]
 
 
+def test_max_minutes_ends_the_run_when_the_budget_is_spent(tmp_path, data_dir):
+    """A budget already spent at the first plan (step 20) ends the run there, instead of the 100 epochs."""
+    results = script.main(tiny_args(tmp_path / "run", data_dir, "--text-encoder", "class", "--epochs", "100",
+                                    "--max-minutes", "0.0001", "--limit-train-images", "32", "--log-every", "5"))
+    assert results["steps"] == 20
+
+
 def test_class_ablation_trains_generates_and_refuses_prompts_without_a_digit(tmp_path, data_dir, capsys):
     outdir = tmp_path / "class"
     script.main(tiny_args(outdir, data_dir, "--text-encoder", "class", "--final-samples", "20", "--heldout-samples", "60"))
