@@ -19,7 +19,7 @@ mixes the two: classifier-free guidance (Ho & Salimans 2022, Eq. 6), with any sa
     python mnist_text_cfg.py sweep --ckpt runs/text-cfg/checkpoints/final.pt --outdir runs/text-cfg/sweep
 
 --outdir holds config.json, metrics.jsonl, checkpoints/ckpt-<step>.pt (the last --keep-checkpoints) and
-checkpoints/final.pt, samples/epoch-NNN.png (one labelled row per digit prompt) and results.json: classifier
+checkpoints/final.pt, samples/epoch-NNN.png and final.png (one labelled row per digit prompt), results.json: classifier
 ("lenet") or Inception FID beside its floor (real train vs test images, same count), prompt accuracy per
 digit, held-out prompt accuracy (templates never seen in training), sample diversity and, with --clip-score,
 the CLIP score, each beside the same number for real images.
@@ -740,13 +740,12 @@ def train(args, rank, world_size, device):
                          args.guidance_scale, args.sampler, args.sample_steps, args.seed + 1000, full=full,
                          progress=full and not args.no_progress)
 
-    def sample_grid():
+    def sample_grid(name):
         digits = torch.arange(10, device=device).repeat_interleave(args.grid_columns)
         images = sample_images(ema.model, process, table, digits, null_id, args.guidance_scale, args.sampler,
                                args.sample_steps, seed=args.seed)
         prompts = [TRAIN_TEMPLATES[0].format(digit=d) for d in range(10)]
-        path = save_labelled_grid(os.path.join(args.outdir, "samples", f"epoch-{progress['epoch']:03d}.png"),
-                                  images, prompts, args.grid_columns)
+        path = save_labelled_grid(os.path.join(args.outdir, "samples", name), images, prompts, args.grid_columns)
         logger.log_image("samples/grid", path, caption=f"epoch {progress['epoch']}, rows: " + "; ".join(prompts))
 
     if args.clip_score and is_main:
@@ -847,7 +846,7 @@ def train(args, rank, world_size, device):
                     print(f"epoch {progress['epoch']}: step {progress['step']}, loss {last_loss:.4f}, "
                           f"{progress['elapsed']:.0f} s", flush=True)
                     if args.grid_columns:
-                        sample_grid()
+                        sample_grid(f"epoch-{progress['epoch']:03d}.png")
                 save_checkpoint(f"ckpt-{progress['step']:08d}.pt")
     finally:
         stop.close()
@@ -859,7 +858,7 @@ def train(args, rank, world_size, device):
     final_path = save_checkpoint("final.pt", keep=False)
     print(f"trained {progress['step']} steps in {train_seconds:.0f} s; saved {final_path}")
     if args.grid_columns:
-        sample_grid()
+        sample_grid("final.png")
     results = {"dataset": data["name"], "train_size": len(train_x), "steps": progress["step"],
                "epochs": progress["epoch"] + progress["batch_index"] / steps_per_epoch, "train_seconds": train_seconds,
                "images_per_second": progress["step"] * global_batch / max(train_seconds, 1e-9),

@@ -233,7 +233,7 @@ def test_minilm_smoke_train_outputs_and_generate(minilm_run, data_dir, tmp_path)
     assert sum("eval/prompt_accuracy" in r for r in records) == 2  # steps 4 and 8
     config = json.load(open(outdir / "config.json"))
     assert (config["dataset_used"], config["train_size"], config["classes"]) == ("mnist5k", 64, 10) and config["parameters"] > 0
-    assert sorted(os.listdir(outdir / "samples")) == ["epoch-001.png", "epoch-002.png"]
+    assert sorted(os.listdir(outdir / "samples")) == ["epoch-001.png", "epoch-002.png", "final.png"]
     assert sorted(os.listdir(outdir / "checkpoints")) == ["ckpt-00000004.pt", "ckpt-00000008.pt", "final.pt"]
     output = tmp_path / "seven.png"
     assert run_cli(["generate", "--ckpt", str(outdir / "checkpoints" / "final.pt"), "--prompt", "a drawing of a seven",
