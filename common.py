@@ -6,7 +6,7 @@ Sections, top to bottom:
   schedules and processes  linear_beta_schedule, cosine_alpha_bar, Process, gaussian_process, convex_process
   diffusion maths          q_sample, posterior, vlb_terms, prior_kl
   samplers                 sample_ddpm, sample_ddim, sample_dpmpp_2m (one signature), cfg_denoiser
-  building blocks          timestep_embedding, FiLM, ResBlock1d, UNet1d, EMA
+  building blocks          timestep_embedding, FiLM, ResBlock (1-D and 2-D), UNet1d, EMA
   metrics                  frechet_distance, frechet_distance_or_reason
   checkpoints              save_checkpoint (atomic), load_checkpoint (weights_only, checked metadata)
   logging                  RunLogger (console + metrics.jsonl + optional W&B), StopSignal
@@ -384,21 +384,29 @@ class FiLM(nn.Module):
         return (1 + gamma) * self.norm(x) + beta
 
 
-class ResBlock1d(nn.Module):
-    """GroupNorm-SiLU-Conv, FiLM on the embedding, SiLU-Conv, plus a (1x1) skip. (B, C_in, L) -> (B, C_out, L)."""
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv, FiLM on the embedding, SiLU-Conv, plus a (1x1) skip, for 1-D signals or 2-D images:
+    (B, C_in, *spatial) -> (B, C_out, *spatial), spatial = (L,) for dims=1, (H, W) for dims=2.
+    emb: (B, emb_dim), e.g. a time embedding (plus any other conditioning the caller adds to it)."""
 
-    def __init__(self, in_channels, out_channels, emb_dim, groups=8):
+    def __init__(self, in_channels, out_channels, emb_dim, groups=8, dims=1):
         super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d}[dims]
         self.norm1 = nn.GroupNorm(groups, in_channels)
-        self.conv1 = nn.Conv1d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = conv(in_channels, out_channels, 3, padding=1)
         self.film = FiLM(emb_dim, out_channels, nn.GroupNorm(groups, out_channels))
-        self.conv2 = nn.Conv1d(out_channels, out_channels, 3, padding=1)
-        self.skip = nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.conv2 = conv(out_channels, out_channels, 3, padding=1)
+        self.skip = conv(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.film(h, emb)))
         return h + self.skip(x)
+
+
+def ResBlock1d(in_channels, out_channels, emb_dim, groups=8):
+    """The 1-D ResBlock (the name UNet1d and its users know)."""
+    return ResBlock(in_channels, out_channels, emb_dim, groups, dims=1)
 
 
 class UNet1d(nn.Module):

@@ -1,0 +1,117 @@
+"""Benchmark of mnist_text_cfg.py against the targets of issue 9 / BENCHMARKS.md.
+
+    python bench/bench_text_cfg.py --data-dir ./data                    # full MNIST, the default command
+    python bench/bench_text_cfg.py --threads 1 --final-samples 500 --compare-samples 20   # a small, busy machine
+
+Runs, as a user would, the default training command (10 minutes of training, `--max-minutes 10`) timed end to
+end, then reads its results.json:
+  - prompt accuracy (DPM-Solver++ 20 steps, the default guidance)        target >= 99% (CPU, <= 10 min of training)
+  - held-out prompt accuracy (templates never seen in training)          target >= 90%
+  - classifier ("lenet") FID beside its same-N floor (real train vs test images, same count)
+and then samples the same checkpoint with DPM-Solver++ 20 steps and with 1000-step DDPM (same prompts, same
+guidance, same seed): target within 1 point of prompt accuracy and 10% of classifier FID.
+Prints calibration_line() (bench/calibration.py) beside the times, writes <outdir>/bench.json and a Markdown table.
+Extra arguments after `--` go to mnist_text_cfg.py (e.g. `-- --epochs 3 --max-minutes 0`).
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import common  # noqa: E402
+import mnist_text_cfg  # noqa: E402
+from calibration import calibration_line  # noqa: E402
+
+
+def main():
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="./data", help="MNIST and the cached classifier")
+    parser.add_argument("--dataset", choices=common.DATASETS, default="auto", help="mnist, mnist5k or auto")
+    parser.add_argument("--outdir", default="bench/runs-text-cfg", help="where the run and bench.json go")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of the run (0 = torch's default)")
+    parser.add_argument("--final-samples", type=common.positive_int, default=2000, help="samples of the final evaluation")
+    parser.add_argument("--heldout-samples", type=common.positive_int, default=600, help="samples of held-out prompts")
+    parser.add_argument("--compare-samples", type=common.positive_int, default=200,
+                        help="samples of the DPM-Solver++ 20 vs DDPM 1000 comparison")
+    parser.add_argument("--shared", action="store_true", help="record that the machine was shared with other jobs")
+    args, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+    os.makedirs(args.outdir, exist_ok=True)
+    calibration = calibration_line()
+    print(calibration, flush=True)
+
+    run_dir = os.path.join(args.outdir, "default")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    argv = [sys.executable, "mnist_text_cfg.py", "--data-dir", args.data_dir, "--dataset", args.dataset, "--outdir", run_dir,
+            "--threads", str(args.threads), "--final-samples", str(args.final_samples),
+            "--heldout-samples", str(args.heldout_samples), "--no-progress", *extra]
+    print("running:", " ".join(argv[1:]), flush=True)
+    start = time.time()
+    with open(os.path.join(args.outdir, "default.log"), "w") as log:
+        status = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    wall = time.time() - start
+    if status != 0:
+        raise SystemExit(f"the training run failed with status {status}; see {args.outdir}/default.log")
+    with open(os.path.join(run_dir, "results.json")) as file:
+        results = json.load(file)
+
+    # the same checkpoint, DPM-Solver++ 20 steps vs DDPM 1000 steps, same prompts, guidance and seed
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = common.pick_device("auto")
+    model, meta = mnist_text_cfg.load_model(results["checkpoint"], device)
+    process = common.make_process("gaussian", meta["T"], "cosine")
+    data = common.load_mnist(args.dataset, args.data_dir, device)
+    evaluator = mnist_text_cfg.Evaluator(data, args.data_dir, device, "lenet", None, meta["text_encoder"],
+                                         meta.get("text_encoder_path"), args.data_dir)
+    table = mnist_text_cfg.table_to(mnist_text_cfg.caption_table(meta["text_encoder"], meta.get("text_encoder_path"),
+                                                                 mnist_text_cfg.train_captions(), args.data_dir), device)
+    compare = {}
+    for sampler, steps in (("dpmpp", 20), ("ddpm", 1000)):
+        metrics, _ = evaluator(model, process, table, len(mnist_text_cfg.train_captions()) - 1, args.compare_samples, 0,
+                               results["guidance_scale"], sampler, steps, seed=7, full=False)
+        compare[f"{sampler}-{steps}"] = {k: metrics[k] for k in ("prompt_accuracy", "fid", "fid_floor", "samples",
+                                                                 "sampling_seconds")}
+        print(f"{sampler} {steps} steps: prompt accuracy {metrics['prompt_accuracy']:.1%}, lenet FID {metrics['fid']:.3f} "
+              f"(floor {metrics['fid_floor']:.3f}, {metrics['samples']} samples, {metrics['sampling_seconds']:.0f} s)",
+              flush=True)
+
+    bench = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
+             "threads": args.threads or torch.get_num_threads(), "shared": args.shared, "calibration": calibration,
+             "command": " ".join(argv[1:]), "wall_seconds": wall, "results": results, "dpmpp20_vs_ddpm1000": compare}
+    common.write_json(os.path.join(args.outdir, "bench.json"), bench)
+
+    few, many = compare["dpmpp-20"], compare["ddpm-1000"]
+    rows = [
+        ("prompt accuracy (DPM++ 20, w = %g)" % results["guidance_scale"], f"{results['prompt_accuracy']:.2%}", ">= 99%",
+         "met" if results["prompt_accuracy"] >= 0.99 else "not met"),
+        ("held-out prompt accuracy", f"{results.get('heldout_prompt_accuracy', float('nan')):.2%}", ">= 90%",
+         "met" if results.get("heldout_prompt_accuracy", 0) >= 0.90 else "not met"),
+        (f"classifier FID ({results['samples']} samples)", f"{results['fid']:.2f}",
+         f"floor (real, same N) {results['fid_floor']:.2f}", ""),
+        ("training time", f"{results['train_seconds'] / 60:.1f} min ({results['steps']} steps, "
+         f"{results['images_per_second']:.0f} images/s)", "<= 10 min", ""),
+        (f"DPM++ 20 vs DDPM 1000: accuracy ({few['samples']} samples)",
+         f"{few['prompt_accuracy']:.1%} vs {many['prompt_accuracy']:.1%}", "within 1 point",
+         "met" if abs(few["prompt_accuracy"] - many["prompt_accuracy"]) <= 0.01 else "not met"),
+        ("DPM++ 20 vs DDPM 1000: classifier FID", f"{few['fid']:.2f} vs {many['fid']:.2f}", "within 10%",
+         "met" if few["fid"] <= 1.1 * many["fid"] else "not met"),
+    ]
+    print(f"\n{calibration}; {bench['threads']} thread(s){', shared machine' if args.shared else ''}; "
+          f"end-to-end wall time {wall / 60:.1f} min\n")
+    print("| measure | value | target / reference | |\n|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
