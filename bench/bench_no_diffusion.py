@@ -145,14 +145,15 @@ def main():
         parser.error(f"{args.part} needs --run-dir")
     if args.part == "ablation" and not args.ablation_dir:
         parser.error("ablation needs --ablation-dir")
-    print(calibration_line(), flush=True)
+    calibration = calibration_line()
+    print(calibration, flush=True)
     torch.set_num_threads(args.threads)
     rows = {"noise": bench_noise, "samplers": bench_samplers, "superres": bench_superres, "ablation": bench_ablation}[args.part](args)
     for row in rows:
         print(json.dumps(row, default=float))
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", f"no_diffusion-{args.part}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    common.write_json(out, {"threads": args.threads, "calibration": calibration_line(), "rows": rows})
+    common.write_json(out, {"threads": args.threads, "calibration": calibration, "rows": rows})
     print(f"wrote {out}")
 
 
