@@ -1,0 +1,908 @@
+"""Score-based diffusion in function space with a Fourier neural operator (SPEC section 4).
+
+After Lim et al., "Score-based diffusion models in function space", and its reference code
+(neuraloperator/DiffusionOperators, first named NO_Diffusion). Functions on [0,1)^2 with two channels
+(cos phi, sin phi of an interferogram phase) are perturbed with Gaussian noise whose covariance is white or a
+stationary Gaussian random field (sampled by FFT circulant embedding), a sigma-conditioned FNO learns the
+noise (the score times -sigma), and samples come from annealed Langevin dynamics (the reference's sampler)
+or a probability-flow ODE solved with Heun's method (far fewer network evaluations).
+
+    python no_diffusion.py --outdir runs/nodiff                        # synthetic volcano, 64 px, train + eval
+    python no_diffusion.py --config json/rbf.json                      # runs/<run id>/rbf ($SAVEDIR, default runs)
+    python no_diffusion.py --config json/indep.json --epochs 10        # white noise; flags override the file
+    DATA_DIR=/path/to/ints python no_diffusion.py --config json/rbf-reference.json   # the reference's setting
+    python no_diffusion.py --outdir runs/nodiff --resume               # continue a stopped run
+    python no_diffusion.py eval --exp-dir runs/nodiff --checkpoint model.w_total.pt --Ntest 1024 \\
+        --val-batch-size 128 --mode generate|plot|superres
+
+A run directory holds config.json, metrics.jsonl, model.pt (everything to resume), model.<metric>.pt (EMA
+weights at the best value of each metric), noise/noise_samples.png, noise/noise_sampler_C.png,
+u_noised.png, samples/<epoch>.png, stats/<epoch>.png (histograms of the circular statistics, real vs
+generated) and results.json (the metrics beside their real-vs-real floors).
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+from common import UserError
+
+SCRIPT = "no_diffusion"
+KIND = "function-score-fno"
+DATASETS = ("synthetic-volcano", "volcano", "grf")
+METRICS = ("w_var", "w_skew", "w_total", "mean_l2", "phase_l2")
+VOLCANO_SIZE = 128                          # the .int files are 128 x 128 complex64 (float32 real, imag)
+VOLCANO_FILE_BYTES = VOLCANO_SIZE * VOLCANO_SIZE * 2 * 4
+# settings a resumed run must share with the stopped one
+RUN_IDENTITY = ("dataset", "n_functions", "resolution", "crop", "val_size", "noise", "kernel", "rbf_scale",
+                "rbf_eps", "sigma_1", "sigma_L", "L", "width", "modes", "layers", "no_sigma_embedding",
+                "batch_size", "lr", "ema_decay", "augment", "seed")
+
+
+# ----------------------------------------------------------------------------------------------
+# noise: white, or a stationary Gaussian random field sampled by circulant embedding
+
+def kernel_values(distance, kernel, scale):
+    """Covariance as a function of distance on [0,1)^2. 'se': exp(-d^2 / (2 l^2)) (squared exponential);
+    'exponential': exp(-d / (2 l^2)), what the reference calls "RBF" (plain, not squared, distance)."""
+    if kernel == "se":
+        return torch.exp(-distance**2 / (2 * scale**2))
+    if kernel == "exponential":
+        return torch.exp(-distance / (2 * scale**2))
+    raise UserError(f"unknown --kernel {kernel!r} (se, exponential)")
+
+
+def kernel_reach(kernel, scale, tolerance=1e-7):
+    """Distance beyond which the kernel is below `tolerance`."""
+    if kernel == "se":
+        return scale * math.sqrt(2 * math.log(1 / tolerance))
+    return 2 * scale**2 * math.log(1 / tolerance)
+
+
+def fast_fft_size(m):
+    """The smallest 7-smooth integer >= m (FFT sizes that are fast)."""
+    while True:
+        rest = m
+        for prime in (2, 3, 5, 7):
+            while rest % prime == 0:
+                rest //= prime
+        if rest == 1:
+            return m
+        m += 1
+
+
+class GaussianNoise:
+    """Gaussian noise on the n x n grid {0, 1/n, ..., (n-1)/n}^2, two independent channels.
+
+    kind 'white': N(0, I). kind 'rbf': N(0, C) with C = k(|x - x'|) + nugget^2 I (the reference adds eps^2 I).
+    It is drawn by circulant embedding (Dietrich & Newsam 1997): the covariance function (the nugget is a
+    delta at distance 0, so it embeds too) is laid out on an m x m torus with m >= n (1 + reach), so that
+    the wrapped-around copies are below 1e-7 on the grid, and m >= 2 n reach, so that the kernel has decayed
+    at the torus' half-period (no kink, hence no negative eigenvalues); m <= 8 n. The torus
+    covariance is diagonalised by the 2-D FFT, its eigenvalues lambda = FFT2(first row). With xi complex
+    standard normal (real and imaginary parts N(0, I)), FFT2(sqrt(lambda / m^2) * xi) has real and
+    imaginary parts that are independent N(0, C) fields on the torus; their top-left n x n block has the
+    covariance C. Cost O(m^2 log m) per two-channel sample and O(m^2) memory, against O(n^6) time and
+    O(n^4) memory for the reference's dense Cholesky.
+    Negative eigenvalues (an embedding that is too small) are clipped; their share is `clipped_share`."""
+
+    def __init__(self, resolution, kind="rbf", kernel="se", scale=0.05, nugget=0.01, device="cpu"):
+        if kind not in ("white", "rbf"):
+            raise UserError(f"unknown --noise {kind!r} (white, rbf)")
+        self.n, self.kind, self.kernel, self.scale, self.nugget = resolution, kind, kernel, scale, nugget
+        self.device = torch.device(device)
+        self.clipped_share = 0.0
+        if kind == "white":
+            return
+        n = resolution
+        reach = kernel_reach(kernel, scale)
+        self.m = fast_fft_size(min(math.ceil(n * max(1 + reach, 2 * reach)), 8 * n))
+        index = torch.arange(self.m, dtype=torch.float64)
+        wrapped = torch.minimum(index, self.m - index) / n            # torus distance along one axis
+        distance = torch.sqrt(wrapped[:, None] ** 2 + wrapped[None, :] ** 2)  # (m, m)
+        first_row = kernel_values(distance, kernel, scale)
+        first_row[0, 0] += nugget**2
+        eigenvalues = torch.fft.fft2(first_row).real
+        self.clipped_share = float(-eigenvalues.clamp(max=0).sum() / eigenvalues.abs().sum())
+        self.sqrt_eigenvalues = (eigenvalues.clamp(min=0) / self.m**2).sqrt().float().to(self.device)  # (m, m)
+
+    def draw(self, count, generator=None, chunk=256):
+        """(count, 2, n, n) float32 noise on self.device; the random numbers come from `generator` (CPU)."""
+        n = self.n
+        if self.kind == "white":
+            return torch.randn(count, 2, n, n, generator=generator).to(self.device)
+        fields = []
+        for start in range(0, count, chunk):
+            size = min(chunk, count - start)
+            xi = torch.view_as_complex(torch.randn(size, self.m, self.m, 2, generator=generator).to(self.device))
+            torus = torch.fft.fft2(xi.mul_(self.sqrt_eigenvalues))[:, :n, :n]   # (size, n, n) complex
+            fields.append(torch.view_as_real(torus))                            # (size, n, n, 2): real, imag
+        return torch.cat(fields).permute(0, 3, 1, 2)                           # (count, 2, n, n), no copy
+
+    def covariance(self, points=200):
+        """The exact covariance between the first `points` grid points (row-major order), (points, points)."""
+        if self.kind == "white":
+            return torch.eye(points, dtype=torch.float64)
+        index = torch.arange(points)
+        coords = torch.stack([index // self.n, index % self.n], dim=1).double() / self.n
+        return kernel_values(torch.cdist(coords, coords), self.kernel, self.scale) + self.nugget**2 * torch.eye(points)
+
+
+# ----------------------------------------------------------------------------------------------
+# data: (N, 2, R, R) tensors of (cos phi, sin phi), with a fixed held-out split
+
+def read_volcano(data_dir):
+    """Phases (N, 128, 128) of every $DATA_DIR/**/*.int (raw complex64, 128 x 128), files in sorted order."""
+    if not data_dir or not os.path.isdir(data_dir):
+        raise UserError(f"volcano data directory {data_dir!r} does not exist (set DATA_DIR or --data-dir)")
+    files = sorted(glob.glob(os.path.join(data_dir, "**", "*.int"), recursive=True))
+    if not files:
+        raise UserError(f"no *.int files under {data_dir}")
+    phases = np.empty((len(files), VOLCANO_SIZE, VOLCANO_SIZE), dtype=np.float32)
+    for i, path in enumerate(files):
+        size = os.path.getsize(path)
+        if size != VOLCANO_FILE_BYTES:
+            raise UserError(f"{path} has {size} bytes; a volcano .int file is 128x128 complex64 ({VOLCANO_FILE_BYTES} bytes)")
+        raw = np.fromfile(path, dtype=np.float32).reshape(VOLCANO_SIZE, VOLCANO_SIZE, 2)
+        phases[i] = np.arctan2(raw[..., 1], raw[..., 0])
+    return torch.from_numpy(phases)
+
+
+def synthetic_volcano_phase(count, seed, size=VOLCANO_SIZE):
+    """A seeded look-alike of the volcano interferograms, phases (count, size, size) wrapped to (-pi, pi].
+
+    Mogi (1958) point source at depth d below (x0, y0): vertical surface displacement proportional to
+    d / (r^2 + d^2)^{3/2}; here scaled to a peak of 1-5 fringes (2 pi each) of random sign, plus a
+    squared-exponential Gaussian-random-field "atmosphere" (length 0.1, 0.3-1.5 rad) and an orbital ramp."""
+    generator = torch.Generator().manual_seed(seed)
+    uniform = lambda low, high: low + (high - low) * torch.rand(count, 1, 1, generator=generator, dtype=torch.float64)
+    x0, y0, depth = uniform(0.25, 0.75), uniform(0.25, 0.75), uniform(0.05, 0.2)
+    fringes = uniform(1.0, 5.0) * torch.where(torch.rand(count, 1, 1, generator=generator) < 0.5, -1.0, 1.0)
+    ramp_x, ramp_y = uniform(-1.0, 1.0), uniform(-1.0, 1.0)
+    atmosphere_amplitude = uniform(0.3, 1.5)
+    coords = torch.arange(size, dtype=torch.float64) / size
+    y, x = coords[None, :, None], coords[None, None, :]
+    shape = depth**3 / ((x - x0) ** 2 + (y - y0) ** 2 + depth**2) ** 1.5       # (count, size, size), peak 1
+    atmosphere = GaussianNoise(size, "rbf", "se", 0.1, 0.0).draw(count, generator)[:, 0].double()
+    phase = 2 * math.pi * fringes * shape + atmosphere_amplitude * atmosphere + math.pi * (ramp_x * x + ramp_y * y)
+    return torch.atan2(torch.sin(phase), torch.cos(phase)).float()
+
+
+def grf_functions(count, seed, resolution, scale=0.1):
+    """Samples of a known Gaussian random field: two independent channels, covariance exp(-d^2 / (2 * 0.1^2))."""
+    generator = torch.Generator().manual_seed(seed)
+    return GaussianNoise(resolution, "rbf", "se", scale, 0.0).draw(count, generator)
+
+
+def phase_to_functions(phase, resolution, crop):
+    """Phases (N, S, S) -> (cos, sin) (N, 2, R - crop, R - crop): resized to R (bilinear, as the reference),
+    then `crop` pixels cut from the bottom and right (the reference cuts 8 to get 120 px from 128)."""
+    functions = torch.stack([torch.cos(phase), torch.sin(phase)], dim=1)
+    if functions.shape[-1] != resolution:
+        functions = F.interpolate(functions, size=(resolution, resolution), mode="bilinear",
+                                  antialias=resolution < functions.shape[-1], align_corners=False)
+    return functions[..., :resolution - crop, :resolution - crop].contiguous()
+
+
+def load_functions(dataset, resolution, crop=0, n_functions=4096, val_size=0.1, data_dir="./data", seed=0):
+    """{'train', 'held_out'} (N, 2, r, r) float32 on the CPU, r = resolution - crop, plus 'name' and 'reason'.
+
+    Generated sets (synthetic-volcano, grf) are cached in data_dir. The held-out split is fixed: a
+    permutation with seed 0 (whatever --seed), the last val_size share held out."""
+    if dataset not in DATASETS:
+        raise UserError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    if dataset == "volcano":
+        volcano_dir = os.environ.get("DATA_DIR") or data_dir
+        functions, reason = phase_to_functions(read_volcano(volcano_dir), resolution, crop), f"read from {volcano_dir}"
+    else:
+        path = os.path.join(data_dir, f"no_diffusion-{dataset}-n{n_functions}-seed{seed}-res{resolution}.pt")
+        functions = None
+        if os.path.isfile(path):
+            try:
+                functions, reason = torch.load(path, weights_only=True).float(), f"cached in {path}"
+            except Exception as error:
+                print(f"cache {path} unreadable ({type(error).__name__}); regenerating it")
+        if functions is None:
+            start = time.time()
+            if dataset == "grf":
+                functions = grf_functions(n_functions, seed, resolution)
+            else:
+                functions = phase_to_functions(synthetic_volcano_phase(n_functions, seed), resolution, 0)
+            reason = f"generated in {time.time() - start:.1f} s"
+            try:
+                common.prepare_outdir(data_dir)
+                common.save_checkpoint(path, functions.half())
+                reason += f", cached in {path}"
+            except (UserError, OSError) as error:
+                print(f"could not cache the data in {data_dir} ({error}); continuing")
+            functions = functions.half().float()  # the same values whether or not the cache was hit
+        functions = functions[..., :resolution - crop, :resolution - crop].contiguous()
+    count = len(functions)
+    held_out_count = max(1, int(round(count * val_size)))
+    if count - held_out_count < 1:
+        raise UserError(f"{dataset}: {count} functions are too few for a held-out share of {val_size}")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(0))
+    data = {"train": functions[order[:count - held_out_count]], "held_out": functions[order[count - held_out_count:]],
+            "name": dataset, "reason": reason}
+    print(f"dataset: {dataset} ({len(data['train'])} train / {len(data['held_out'])} held out, "
+          f"{functions.shape[-1]}x{functions.shape[-1]} px): {reason}")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# model: a sigma-conditioned Fourier neural operator
+
+class SpectralConv2d(nn.Module):
+    """Fourier layer (Li et al. 2021, "Fourier Neural Operator", Eq. 4): (K h)(x) = IFFT(R . FFT(h))(x).
+
+    Only the lowest `modes` frequencies per axis are kept, in physical units (cycles per unit length):
+    the same weights act on the same frequencies at every resolution, which is what makes the layer a map
+    between functions rather than between grids. rfft2 keeps the non-negative frequencies of the last
+    axis, so two blocks of weights cover the positive and the negative frequencies of the other axis.
+    norm='forward' makes the Fourier coefficients grid-independent (FFT / n^2). Why 12 by default: the
+    synthetic volcano's fringes and atmosphere have little energy above ~10 cycles per domain, 12 modes
+    fit any grid from 24 px up, and what a fixed mode count cannot express (sharper, pointwise detail)
+    is handled by the 1x1 convolution beside it. (B, C_in, H, W) -> (B, C_out, H, W)."""
+
+    def __init__(self, in_channels, out_channels, modes):
+        super().__init__()
+        self.modes = modes
+        scale = 1 / (in_channels * out_channels)
+        # (corner, C_in, C_out, modes, modes, real/imag)
+        self.weight = nn.Parameter(scale * torch.rand(2, in_channels, out_channels, modes, modes, 2))
+
+    def forward(self, x):
+        batch, _, height, width = x.shape
+        spectrum = torch.fft.rfft2(x.float(), norm="forward")          # (B, C_in, H, W // 2 + 1)
+        rows, cols = min(self.modes, height // 2), min(self.modes, width // 2 + 1)
+        weight = torch.view_as_complex(self.weight)                      # (2, C_in, C_out, modes, modes)
+        out = torch.zeros(batch, weight.shape[2], height, width // 2 + 1, dtype=spectrum.dtype, device=x.device)
+        out[:, :, :rows, :cols] = torch.einsum("bixy,ioxy->boxy", spectrum[:, :, :rows, :cols], weight[0, :, :, :rows, :cols])
+        out[:, :, -rows:, :cols] = torch.einsum("bixy,ioxy->boxy", spectrum[:, :, -rows:, :cols], weight[1, :, :, :rows, :cols])
+        return torch.fft.irfft2(out, s=(height, width), norm="forward")
+
+
+class FNOBlock(nn.Module):
+    """h + GELU(FiLM(GroupNorm(K h + W h), sigma embedding)); without an embedding, plain GroupNorm."""
+
+    def __init__(self, width, modes, emb_dim):
+        super().__init__()
+        self.spectral = SpectralConv2d(width, width, modes)
+        self.pointwise = nn.Conv2d(width, width, 1)
+        norm = nn.GroupNorm(8 if width % 8 == 0 else 1, width)
+        self.film = common.FiLM(emb_dim, width, norm) if emb_dim else None
+        self.norm = None if emb_dim else norm
+
+    def forward(self, h, emb):
+        mixed = self.spectral(h) + self.pointwise(h)
+        mixed = self.film(mixed, emb) if self.film is not None else self.norm(mixed)
+        return h + F.gelu(mixed)
+
+
+class ScoreFNO(nn.Module):
+    """n_theta(x, sigma): predicts the noise in x = u + sigma * z, z ~ N(0, C). The score of the perturbed
+    data (preconditioned by C) is -n_theta / sigma.
+
+    (x, grid) with 4 channels -> lift 1x1 to `width` -> zero-pad by 1/8 of the grid (bottom, right; the
+    data are not periodic) -> `layers` FNO blocks -> crop -> project 1x1 to 2 channels. The noise level
+    enters as a sinusoidal embedding of log sigma -> MLP -> FiLM in every block, and as the input scale
+    1 / sqrt(1 + sigma^2) (Karras et al. 2022, c_in). sigma_embedding=False is the reference's design: the
+    network never sees sigma, and the score is its output divided by sigma. (B, 2, H, W), (B,) -> (B, 2, H, W)."""
+
+    def __init__(self, width=32, modes=12, layers=4, sigma_embedding=True, emb_dim=128, pad_fraction=0.125):
+        super().__init__()
+        self.emb_dim = emb_dim if sigma_embedding else 0
+        self.pad_fraction = pad_fraction
+        self.lift = nn.Conv2d(4, width, 1)
+        self.sigma_mlp = (nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+                          if sigma_embedding else None)
+        self.blocks = nn.ModuleList(FNOBlock(width, modes, self.emb_dim) for _ in range(layers))
+        self.project = nn.Sequential(nn.Conv2d(width, 64, 1), nn.GELU(), nn.Conv2d(64, 2, 1))
+
+    @staticmethod
+    def grid(batch, height, width, device):
+        """Positions (B, 2, H, W) on [0,1)^2, the same points the noise and the data live on."""
+        y = torch.arange(height, device=device, dtype=torch.float32) / height
+        x = torch.arange(width, device=device, dtype=torch.float32) / width
+        return torch.stack(torch.meshgrid(y, x, indexing="ij")).expand(batch, -1, -1, -1)
+
+    def forward(self, x, sigma):
+        batch, _, height, width = x.shape
+        emb = None
+        if self.sigma_mlp is not None:
+            x = x / torch.sqrt(1 + sigma**2).view(-1, 1, 1, 1)
+            emb = self.sigma_mlp(common.timestep_embedding(100 * torch.log(sigma), self.emb_dim))  # (B, emb_dim)
+        h = self.lift(torch.cat([x, self.grid(batch, height, width, x.device)], dim=1))
+        pad = round(self.pad_fraction * height), round(self.pad_fraction * width)
+        h = F.pad(h, [0, pad[1], 0, pad[0]])
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.project(h[..., :height, :width])
+
+
+def model_args_of(args):
+    return {"width": args.width, "modes": args.modes, "layers": args.layers,
+            "sigma_embedding": not args.no_sigma_embedding}
+
+
+def geometric_sigmas(sigma_1, sigma_L, L):
+    """sigma_i = sigma_1 (sigma_L / sigma_1)^{(i-1)/(L-1)}, i = 1..L (Song & Ermon 2019, Sec. 4.2), shape (L,)."""
+    if L == 1:
+        return torch.tensor([sigma_1], dtype=torch.float64)
+    return sigma_1 * (sigma_L / sigma_1) ** (torch.arange(L, dtype=torch.float64) / (L - 1))
+
+
+def noise_predictor(model, batch_size=None):
+    """predict_noise(x, sigma) with a float sigma, in eval mode, no grad, in batches of batch_size."""
+    def predict_noise(x, sigma):
+        chunks = []
+        size = batch_size or len(x)
+        for start in range(0, len(x), size):
+            part = x[start:start + size]
+            chunks.append(model(part, torch.full((len(part),), float(sigma), device=x.device)).float())
+        return torch.cat(chunks)
+    return predict_noise
+
+
+# ----------------------------------------------------------------------------------------------
+# samplers: sampler(predict_noise, x, sigmas, draw_noise, progress=False, **options) -> (samples, evaluations)
+# x: the start, sigma_1 * noise, (B, 2, H, W); sigmas: the geometric schedule (L,); draw_noise(B) -> (B, 2, H, W)
+
+@torch.no_grad()
+def sample_langevin(predict_noise, x, sigmas, draw_noise, progress=False, T=3, epsilon=6e-6):
+    """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1) exactly as the reference's sample_trace:
+    for each level i, T steps x <- x + (alpha_i / 2) s(x, sigma_i) + sqrt(alpha_i) z, alpha_i =
+    epsilon sigma_i^2 / sigma_L^2, z drawn from the training noise (the learned score is preconditioned by
+    its covariance C); the very last step adds no noise (the final denoising step). L * T evaluations."""
+    sigma_L = float(sigmas[-1])
+    levels = len(sigmas)
+    for i in tqdm(range(levels), disable=not progress, leave=False, mininterval=1.0, desc="langevin"):
+        sigma = float(sigmas[i])
+        alpha = epsilon * (sigma / sigma_L) ** 2
+        for t in range(T):
+            score = -predict_noise(x, sigma) / sigma
+            x = x + 0.5 * alpha * score
+            if not (i == levels - 1 and t == T - 1):
+                x = x + math.sqrt(alpha) * draw_noise(len(x))
+    return x, levels * T
+
+
+def karras_sigmas(sigma_max, sigma_min, steps, rho=7.0):
+    """Karras et al. 2022, Eq. 5: steps levels from sigma_max to sigma_min, denser near sigma_min."""
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+@torch.no_grad()
+def sample_heun(predict_noise, x, sigmas, draw_noise, progress=False, steps=25, churn=0.0):
+    """Probability-flow ODE of the variance-exploding process (Song et al. 2021, Eq. 13), which for
+    x = u + sigma z, z ~ N(0, C) reads dx/dsigma = -sigma C grad log p_sigma(x) = n_theta(x, sigma), solved with
+    Heun's 2nd-order method on Karras et al.'s (2022, Alg. 2) levels from sigma_1 to sigma_L, then one Euler
+    step to sigma = 0 (the denoising step x - sigma_L n_theta). churn > 0 adds their stochastic "churn"
+    (gamma = min(churn / steps, sqrt(2) - 1) of extra noise per step, from the training noise). 2 steps - 1
+    evaluations."""
+    levels = torch.cat([karras_sigmas(float(sigmas[0]), float(sigmas[-1]), steps), torch.zeros(1, dtype=torch.float64)])
+    gamma = min(churn / steps, math.sqrt(2) - 1)
+    evaluations = 0
+    for i in tqdm(range(steps), disable=not progress, leave=False, mininterval=1.0, desc="heun"):
+        sigma, sigma_next = float(levels[i]), float(levels[i + 1])
+        if gamma > 0 and sigma_next > 0:
+            sigma_hat = sigma * (1 + gamma)
+            x = x + math.sqrt(sigma_hat**2 - sigma**2) * draw_noise(len(x))
+            sigma = sigma_hat
+        slope = predict_noise(x, sigma)
+        x_next = x + (sigma_next - sigma) * slope
+        evaluations += 1
+        if sigma_next > 0:
+            x_next = x + (sigma_next - sigma) * 0.5 * (slope + predict_noise(x_next, sigma_next))
+            evaluations += 1
+        x = x_next
+    return x, evaluations
+
+
+SAMPLERS = {"langevin": sample_langevin, "heun": sample_heun}
+
+
+def sampler_options(args):
+    return {"T": args.T, "epsilon": args.epsilon} if args.sampler == "langevin" else {"steps": args.steps, "churn": args.churn}
+
+
+@torch.no_grad()
+def generate_functions(model, noise, sigmas, count, sampler, options, batch_size, seed, device, progress=False):
+    """count samples (count, 2, n, n) on the CPU, the network evaluations per sample, and the seconds taken."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda size: noise.draw(size, generator).to(device)
+    predict_noise = noise_predictor(model)
+    out, evaluations, start = [], 0, time.time()
+    for begin in range(0, count, batch_size):
+        size = min(batch_size, count - begin)
+        x = float(sigmas[0]) * draw(size)
+        x, evaluations = SAMPLERS[sampler](predict_noise, x, sigmas, draw, progress=progress, **options)
+        out.append(x.float().cpu())
+    return torch.cat(out), evaluations, time.time() - start
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics: circular statistics of the phase, Wasserstein distances, mean-function errors
+
+def phase_of(functions):
+    """phi = atan2(sin, cos): (N, 2, H, W) -> (N, H, W)."""
+    return torch.atan2(functions[:, 1].double(), functions[:, 0].double())
+
+
+def circular_statistics(functions):
+    """Per-function circular variance and skewness of the phase (Mardia & Jupp 2000; as the reference):
+    C_k = sum cos(k phi), S_k = sum sin(k phi), R_k = sqrt(C_k^2 + S_k^2) / n, T_k = atan2(S_k, C_k);
+    variance = 1 - R_1; skewness = R_2 sin(T_2 - 2 T_1) / (1 - R_1)^{3/2}. Returns two (N,) float64 arrays."""
+    phase = phase_of(functions).flatten(1)                      # (N, H*W)
+    count = phase.shape[1]
+    c1, s1 = torch.cos(phase).sum(1), torch.sin(phase).sum(1)
+    c2, s2 = torch.cos(2 * phase).sum(1), torch.sin(2 * phase).sum(1)
+    r1, r2 = torch.sqrt(c1**2 + s1**2) / count, torch.sqrt(c2**2 + s2**2) / count
+    t1, t2 = torch.atan2(s1, c1), torch.atan2(s2, c2)
+    return (1 - r1).numpy(), (r2 * torch.sin(t2 - 2 * t1) / (1 - r1) ** 1.5).numpy()
+
+
+def function_metrics(generated, reference_functions, reference_stats=None):
+    """w_var, w_skew (1-D Wasserstein distances between the per-function statistics), w_total = their sum,
+    mean_l2 = RMS over [0,1)^2 and channels of mean(generated) - mean(reference), phase_l2 = RMS of the
+    wrapped difference of their phases."""
+    from scipy.stats import wasserstein_distance
+    variance, skewness = circular_statistics(generated)
+    reference_variance, reference_skewness = reference_stats or circular_statistics(reference_functions)
+    w_var = wasserstein_distance(reference_variance, variance)
+    w_skew = wasserstein_distance(reference_skewness, skewness)
+    mean_difference = generated.double().mean(0) - reference_functions.double().mean(0)   # (2, H, W)
+    phase_difference = phase_of(generated.double().mean(0, keepdim=True)) - phase_of(reference_functions.double().mean(0, keepdim=True))
+    phase_difference = torch.atan2(torch.sin(phase_difference), torch.cos(phase_difference))
+    return {"w_var": float(w_var), "w_skew": float(w_skew), "w_total": float(w_var + w_skew),
+            "mean_l2": float(mean_difference.pow(2).mean().sqrt()), "phase_l2": float(phase_difference.pow(2).mean().sqrt())}
+
+
+def real_floor(data, count, reference_stats=None):
+    """The metrics of `count` held-out functions against the training set: what a perfect sampler scores
+    with that many samples (the real-vs-real floor)."""
+    count = min(count, len(data["held_out"]))
+    floor = function_metrics(data["held_out"][:count], data["train"], reference_stats)
+    floor["count"] = count
+    return floor
+
+
+# ----------------------------------------------------------------------------------------------
+# pictures
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_phase_grid(path, functions, titles=None, ncol=8):
+    """Phases of functions (N, 2, H, W) as a grid of images on [-pi, pi]."""
+    plt = _pyplot()
+    count = len(functions)
+    rows = (count + ncol - 1) // ncol
+    fig, axes = plt.subplots(rows, min(ncol, count), figsize=(2 * min(ncol, count), 2 * rows), squeeze=False)
+    phases = phase_of(functions).numpy()
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < count:
+            ax.imshow(phases[i], cmap="twilight", vmin=-math.pi, vmax=math.pi, extent=[0, 1, 0, 1])
+            if titles:
+                ax.set_title(titles[i], fontsize=8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def save_noise_pictures(run_dir, noise, generator):
+    plt = _pyplot()
+    samples = noise.draw(4, generator).cpu()[:, 0].numpy()
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3))
+    for ax, sample in zip(axes, samples):
+        image = ax.imshow(sample, extent=[0, 1, 0, 1])
+        ax.axis("off")
+    fig.colorbar(image, ax=axes.tolist())
+    fig.suptitle(f"noise: {noise.kind}" + (f", {noise.kernel} kernel, scale {noise.scale}, nugget {noise.nugget}"
+                                             if noise.kind == "rbf" else ""))
+    os.makedirs(os.path.join(run_dir, "noise"), exist_ok=True)
+    fig.savefig(os.path.join(run_dir, "noise", "noise_samples.png"), dpi=80)
+    plt.close(fig)
+    points = min(200, noise.n * noise.n)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    image = ax.matshow(noise.covariance(points).numpy())
+    fig.colorbar(image)
+    ax.set_title(f"covariance of the first {points} grid points")
+    fig.savefig(os.path.join(run_dir, "noise", "noise_sampler_C.png"), dpi=80)
+    plt.close(fig)
+
+
+def save_histograms(path, real, generated, title):
+    """Histograms of circular variance and skewness: real (training) vs generated. real, generated: (var, skew)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, name, a, b in zip(axes, ("circular variance", "circular skewness"), real, generated):
+        low, high = np.percentile(np.concatenate([a, b]), [0.5, 99.5])
+        bins = np.linspace(low, high, 40)
+        ax.hist(a, bins=bins, density=True, alpha=0.5, label=f"real ({len(a)})")
+        ax.hist(b, bins=bins, density=True, alpha=0.5, label=f"generated ({len(b)})")
+        ax.set_title(name)
+        ax.legend()
+    fig.suptitle(title)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration: flags, optionally from a JSON experiment file whose keys are the flags' names
+
+def build_parser():
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--config", default=None, help="JSON experiment file (json/rbf.json, ...): keys are flag names; flags override it")
+    add("--outdir", default=None, help="run directory (default: $SAVEDIR/<run id>/<experiment name>, SAVEDIR=runs)")
+    add("--run-id", default=None, help="run id in the $SAVEDIR layout (default: $SLURM_JOB_ID, else the start time)")
+    add("--exp-name", default=None, help="experiment name in the $SAVEDIR layout (default: the --config file's name)")
+    add("--dataset", choices=DATASETS, default="synthetic-volcano",
+        help="synthetic-volcano (generated, cached), volcano ($DATA_DIR/**/*.int), grf (a known Gaussian random field)")
+    add("--data-dir", default="./data", help="cache of generated data; the volcano files when $DATA_DIR is unset")
+    add("--n-functions", type=common.positive_int, default=4096, help="functions generated (synthetic-volcano, grf)")
+    add("--resolution", type=common.positive_int, default=64, help="grid size the data are resized to (px)")
+    add("--crop", type=int, default=0, help="pixels cut from the bottom and right after resizing (the reference: 8)")
+    add("--val-size", type=float, default=0.1, help="held-out share (fixed split)")
+    add("--noise", choices=("white", "rbf"), default="rbf", help="white noise, or a Gaussian random field (--kernel)")
+    add("--kernel", choices=("se", "exponential"), default="se",
+        help="se: exp(-d^2/(2 l^2)); exponential: exp(-d/(2 l^2)), the reference's 'RBF'")
+    add("--rbf-scale", type=common.positive_float, default=0.05, help="kernel length l on [0,1)")
+    add("--rbf-eps", type=common.nonnegative_float, default=0.01, help="nugget: eps^2 I added to the covariance")
+    add("--sigma-1", type=common.positive_float, default=30.0, help="largest noise level")
+    add("--sigma-L", type=common.positive_float, default=0.01, help="smallest noise level")
+    add("--L", type=common.positive_int, default=500, help="noise levels (geometric) for training and Langevin")
+    add("--T", type=common.positive_int, default=3, help="Langevin steps per level (--sampler langevin)")
+    add("--epsilon", type=common.positive_float, default=6e-6, help="Langevin step: alpha_i = epsilon sigma_i^2 / sigma_L^2")
+    add("--sampler", choices=sorted(SAMPLERS), default="heun",
+        help="heun: probability-flow ODE, 2*steps-1 evaluations; langevin: the reference's, L*T evaluations")
+    add("--steps", type=common.positive_int, default=25, help="Heun steps (--sampler heun)")
+    add("--churn", type=common.nonnegative_float, default=0.0, help="Heun stochastic churn (Karras et al. S_churn)")
+    add("--width", type=common.positive_int, default=16, help="FNO channels")
+    add("--modes", type=common.positive_int, default=12, help="Fourier modes kept per axis")
+    add("--layers", type=common.positive_int, default=4, help="FNO blocks")
+    add("--no-sigma-embedding", action="store_true",
+        help="ablation, the reference's design: no sigma input; the score is the output divided by sigma")
+    add("--epochs", type=common.positive_int, default=3, help="passes over the training functions")
+    add("--max-minutes", type=common.positive_float, default=None,
+        help="stop training after this much training time (for equal-time comparisons)")
+    add("--batch-size", type=common.positive_int, default=16, help="training batch size")
+    add("--lr", type=common.positive_float, default=1e-3, help="Adam learning rate")
+    add("--ema-decay", type=float, default=0.999, help="EMA decay of the weights (with warm-up)")
+    add("--augment", action=argparse.BooleanOptionalAction, default=True, help="random horizontal/vertical flips")
+    add("--record-interval", type=common.positive_int, default=3, help="epochs between sample metrics")
+    add("--Ntest", type=common.positive_int, default=256, help="samples for the metrics")
+    add("--val-batch-size", type=common.positive_int, default=128, help="batch size when sampling")
+    add("--seed", type=int, default=0, help="random seed (same seed on CPU -> same numbers)")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add("--threads", type=common.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    add("--resume", action="store_true", help="continue the run in the run directory from its model.pt")
+    add("--log-every", type=common.positive_int, default=50, help="steps between metrics.jsonl lines")
+    add("--wandb", choices=("off", "offline", "online"), default="off", help="Weights & Biases mode")
+    add("--no-progress", action="store_true", help="no tqdm bars (batch jobs)")
+    return parser
+
+
+def read_experiment_file(path, parser):
+    """The JSON file's settings as argparse defaults; unknown keys, bad JSON or bad values are one UserError."""
+    try:
+        with open(path) as file:
+            settings = json.load(file)
+    except OSError as error:
+        raise UserError(f"--config {path}: {error.strerror}")
+    except json.JSONDecodeError as error:
+        raise UserError(f"--config {path} is not valid JSON ({error.msg} at line {error.lineno})")
+    if not isinstance(settings, dict):
+        raise UserError(f"--config {path} must hold a JSON object of flag names and values")
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(set(settings) - set(actions) - {"config", "help"})
+    if unknown:
+        raise UserError(f"--config {path}: unknown keys {unknown} (keys are flag names, e.g. sigma_1, batch_size)")
+    for key, value in settings.items():
+        action = actions[key]
+        if action.type is not None and value is not None:
+            try:
+                settings[key] = action.type(str(value))
+            except ValueError as error:
+                raise UserError(f"--config {path}: {key} = {value!r}: {error}")
+        if action.choices is not None and settings[key] not in action.choices:
+            raise UserError(f"--config {path}: {key} must be one of {list(action.choices)}, got {value!r}")
+    return settings
+
+
+def parse_args(argv):
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**read_experiment_file(known.config, parser))
+    args = parser.parse_args(argv)
+    if not args.sigma_1 > args.sigma_L:
+        parser.error(f"need --sigma-1 > --sigma-L, got {args.sigma_1} and {args.sigma_L}")
+    if not 0 < args.val_size < 1:
+        parser.error(f"--val-size must be in (0, 1), got {args.val_size}")
+    if not 0 <= args.crop < args.resolution // 2:
+        parser.error(f"--crop must be in [0, resolution/2), got {args.crop}")
+    if not 0 <= args.ema_decay < 1:
+        parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    return args
+
+
+def run_directory(args):
+    if args.outdir:
+        return args.outdir
+    run_id = args.run_id or os.environ.get("SLURM_JOB_ID") or time.strftime("%Y%m%d-%H%M%S")
+    name = args.exp_name or (os.path.splitext(os.path.basename(args.config))[0] if args.config else "default")
+    return os.path.join(os.environ.get("SAVEDIR", "runs"), run_id, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:
+        return evaluate(argv[1:])
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = common.pick_device(args.device)
+    common.seed_everything(args.seed)
+    run_dir = common.prepare_outdir(run_directory(args))
+    checkpoint_path = os.path.join(run_dir, "model.pt")
+
+    # data, noise, noise levels
+    data = load_functions(args.dataset, args.resolution, args.crop, args.n_functions, args.val_size, args.data_dir, args.seed)
+    train = data["train"].to(device)
+    size = train.shape[-1]
+    noise = GaussianNoise(size, args.noise, args.kernel, args.rbf_scale, args.rbf_eps, device)
+    if noise.clipped_share > 1e-6:
+        print(f"noise: the circulant embedding clipped {noise.clipped_share:.2e} of its spectrum (negative eigenvalues)")
+    sigmas = geometric_sigmas(args.sigma_1, args.sigma_L, args.L)          # (L,) float64, CPU
+    train_stats = circular_statistics(data["train"])
+    floor = real_floor(data, args.Ntest, train_stats)
+    print("real-vs-real floor (" + f"{floor['count']} held out vs train): "
+          + ", ".join(f"{key} {floor[key]:.4f}" for key in METRICS))
+
+    # model, optimiser, EMA
+    torch.manual_seed(args.seed)
+    model_args = model_args_of(args)
+    model = ScoreFNO(**model_args).to(device)
+    ema = common.EMA(model, args.ema_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    print(f"score FNO: {common.count_parameters(model):,} parameters; sigma embedding {'on' if model_args['sigma_embedding'] else 'OFF'}")
+    config = {**vars(args), "run_dir": run_dir, "dataset_used": data["name"], "train_size": len(train),
+              "held_out_size": len(data["held_out"]), "grid": size, "parameters": common.count_parameters(model)}
+    meta = common.checkpoint_meta(SCRIPT, KIND, model_args=model_args, grid=size)
+
+    generator = torch.Generator().manual_seed(args.seed)   # all training randomness; checkpointed
+    steps_per_epoch = (len(train) + args.batch_size - 1) // args.batch_size
+    epoch, batch_index, step, elapsed, last_loss = 0, 0, 0, 0.0, float("nan")
+    best = {key: float("inf") for key in METRICS}
+    if os.path.isfile(checkpoint_path) and not args.resume:
+        raise UserError(f"{checkpoint_path} exists; pass --resume to continue that run, or pick another --outdir")
+    if args.resume:
+        state = common.load_checkpoint(checkpoint_path, script=SCRIPT, kinds={KIND})
+        changed = [key for key in RUN_IDENTITY if state["config"].get(key) != config[key]]
+        if changed:
+            raise UserError(f"{checkpoint_path} was trained with other settings ({', '.join(changed)}); "
+                            "use another --outdir")
+        common.restore_training_state(state, checkpoint_path, model, ema, optimizer, generator)
+        epoch, batch_index, step, elapsed, best = state["epoch"], state["batch_index"], state["step"], state["elapsed"], state["best"]
+        print(f"resuming {run_dir} at epoch {epoch}, step {step}")
+    print(f"run directory: {run_dir}")
+    common.write_json(os.path.join(run_dir, "config.json"), config)
+    logger = common.RunLogger(run_dir, config, args.wandb, name=os.path.basename(run_dir))
+    if not args.resume:
+        picture_generator = torch.Generator().manual_seed(args.seed + 2)
+        save_noise_pictures(run_dir, noise, picture_generator)
+        shown = geometric_sigmas(args.sigma_1, args.sigma_L, 8)
+        u = train[:1].expand(8, -1, -1, -1)
+        noised = (u + shown.float().view(-1, 1, 1, 1).to(device) * noise.draw(8, picture_generator)).cpu()
+        save_phase_grid(os.path.join(run_dir, "u_noised.png"), noised, [f"u + {s:.3g} z" for s in shown.tolist()])
+
+    def save(path):
+        common.save_checkpoint(path, {**common.training_state(model, ema, optimizer, generator),
+                                      "epoch": epoch, "batch_index": batch_index, "step": step, "elapsed": elapsed,
+                                      "best": best, "config": config, "meta": meta})
+
+    def record():
+        """Sample --Ntest functions from the EMA model, score them, keep model.<metric>.pt for each best."""
+        samples, evaluations, seconds = generate_functions(ema.model, noise, sigmas, args.Ntest, args.sampler,
+                                                           sampler_options(args), args.val_batch_size, args.seed + 1, device)
+        metrics = function_metrics(samples, data["train"], train_stats)
+        save_phase_grid(os.path.join(run_dir, "samples", f"{epoch}.png"), samples[:16])
+        save_histograms(os.path.join(run_dir, "stats", f"{epoch}.png"), train_stats, circular_statistics(samples),
+                        f"epoch {epoch}: w_total {metrics['w_total']:.4f} (floor {floor['w_total']:.4f})")
+        for key in METRICS:
+            if metrics[key] < best[key]:
+                best[key] = metrics[key]
+                common.save_checkpoint(os.path.join(run_dir, f"model.{key}.pt"),
+                                       {"ema": ema.state_dict(), "epoch": epoch, "metrics": metrics, "config": config, "meta": meta})
+        logger.log({**{f"val/{key}": metrics[key] for key in METRICS}, "val/sampling_s": seconds,
+                    "val/evaluations": evaluations, "progress/epoch": epoch}, step=step)
+        print(f"epoch {epoch}: " + ", ".join(f"{key} {metrics[key]:.4f} (floor {floor[key]:.4f})" for key in METRICS)
+              + f"; {args.sampler} {evaluations} evaluations, {seconds:.0f} s")
+        return metrics, evaluations, seconds
+
+    # training loop: sigma^2-weighted denoising score matching (Song & Ermon 2019, Eq. 2, lambda = sigma^2):
+    # sigma^2 |s(x, sigma) + z / sigma|^2 = |n_theta(u + sigma z, sigma) - z|^2, sigma uniform over the L levels
+    stop = common.StopSignal()
+    started = time.time() - elapsed
+    metrics = None
+    try:
+        while epoch < args.epochs:
+            model.train()
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).to(device)
+            bar = tqdm(range(batch_index, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
+                       disable=args.no_progress, mininterval=1.0, leave=False)
+            for batch_index in bar:
+                u = train[order[batch_index * args.batch_size:(batch_index + 1) * args.batch_size]]   # (B, 2, n, n)
+                count = len(u)
+                if args.augment:
+                    flips = torch.rand(count, 2, generator=generator).to(device) < 0.5
+                    u = torch.where(flips[:, 0, None, None, None], u.flip(-1), u)
+                    u = torch.where(flips[:, 1, None, None, None], u.flip(-2), u)
+                levels = torch.randint(0, args.L, (count,), generator=generator)
+                sigma = sigmas[levels].float().to(device)                                              # (B,)
+                z = noise.draw(count, generator)                                                       # (B, 2, n, n)
+                loss = F.mse_loss(model(u + sigma.view(-1, 1, 1, 1) * z, sigma), z)
+                last_loss = common.finite_loss(loss, f"step {step}", checkpoint_path)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                ema.update(model)
+                step += 1
+                bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
+                if step % args.log_every == 0:
+                    logger.log({"train/loss": last_loss, "progress/epoch": epoch + (batch_index + 1) / steps_per_epoch}, step=step)
+                out_of_time = args.max_minutes is not None and time.time() - started > 60 * args.max_minutes
+                if stop.received or out_of_time:
+                    batch_index += 1
+                    elapsed = time.time() - started
+                    save(checkpoint_path)
+                    if stop.received:
+                        print(f"{stop.received} received: saved {checkpoint_path} at step {step}; rerun with --resume")
+                        return None
+                    break
+            else:
+                epoch, batch_index = epoch + 1, 0
+            elapsed = time.time() - started
+            print(f"epoch {epoch}/{args.epochs}: loss {last_loss:.4f} ({elapsed:.0f} s)")
+            finished = epoch >= args.epochs or (args.max_minutes is not None and elapsed > 60 * args.max_minutes)
+            if epoch % args.record_interval == 0 or finished:
+                metrics, evaluations, seconds = record()
+            save(checkpoint_path)
+            if finished:
+                break
+    finally:
+        stop.close()
+
+    # results: the final EMA model's metrics beside their real-vs-real floors
+    if metrics is None:
+        metrics, evaluations, seconds = record()
+    results = {"run_dir": run_dir, "dataset": data["name"], "grid": size, "epochs": epoch, "steps": step,
+               "train_time_s": elapsed, **metrics, "floor": floor, "best": best, "sampler": args.sampler,
+               "sampler_options": sampler_options(args), "evaluations_per_sample": evaluations,
+               "Ntest": args.Ntest, "sampling_s": seconds, "noise": args.noise, "kernel": args.kernel,
+               "sigma_embedding": model_args["sigma_embedding"]}
+    common.write_json(os.path.join(run_dir, "results.json"), results)
+    logger.finish({f"final/{key}": metrics[key] for key in METRICS})
+    print(f"wrote {os.path.join(run_dir, 'results.json')}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation of a finished run: generate | plot | superres
+
+def load_run(exp_dir, checkpoint, device):
+    """The run's settings (argparse namespace) and its EMA model, from config.json and a checkpoint in it."""
+    config_path = os.path.join(exp_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise UserError(f"{exp_dir} has no config.json; is it a no_diffusion.py run directory?")
+    with open(config_path) as file:
+        config = json.load(file)
+    path = checkpoint if os.path.isabs(checkpoint) else os.path.join(exp_dir, checkpoint)
+    state = common.load_checkpoint(path, script=SCRIPT, kinds={KIND})
+    model = ScoreFNO(**state["meta"]["model_args"])
+    common.load_model_state(model, state["ema"]["model"], path)
+    return argparse.Namespace(**config), model.to(device).eval()
+
+
+def evaluate(argv):
+    parser = common.ArgumentParser(prog="no_diffusion.py eval", description="Evaluate a trained run.")
+    parser.add_argument("--exp-dir", required=True, help="the run directory (holds config.json and checkpoints)")
+    parser.add_argument("--checkpoint", default="model.w_total.pt", help="checkpoint file in --exp-dir (or a path)")
+    parser.add_argument("--mode", choices=("generate", "plot", "superres"), default="generate",
+                        help="generate: samples + statistics; plot: histograms; superres: sample at 2x resolution")
+    parser.add_argument("--Ntest", type=common.positive_int, default=1024, help="samples to generate")
+    parser.add_argument("--val-batch-size", type=common.positive_int, default=128, help="batch size when sampling")
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="sampler (default: the run's)")
+    parser.add_argument("--steps", type=common.positive_int, default=None, help="Heun steps (default: the run's)")
+    parser.add_argument("--T", type=common.positive_int, default=None, help="Langevin steps per level (default: the run's)")
+    parser.add_argument("--churn", type=common.nonnegative_float, default=None, help="Heun churn (default: the run's)")
+    parser.add_argument("--scale", type=common.positive_int, default=2, help="resolution factor for superres")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the sampler's noise")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    parser.add_argument("--threads", type=common.positive_int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    eval_args = parser.parse_args(argv)
+    if eval_args.threads:
+        torch.set_num_threads(eval_args.threads)
+    device = common.pick_device(eval_args.device)
+    outdir = os.path.join(eval_args.exp_dir, "eval")
+    stats_path = os.path.join(outdir, "statistics.pt")
+    if eval_args.mode == "plot":
+        if not os.path.isfile(stats_path):
+            raise UserError(f"{stats_path} does not exist; run --mode generate first")
+        stats = torch.load(stats_path, weights_only=True)
+        path = save_histograms(os.path.join(outdir, "histograms.png"),
+                               (stats["train_variance"].numpy(), stats["train_skewness"].numpy()),
+                               (stats["variance"].numpy(), stats["skewness"].numpy()), stats["title"])
+        print(f"wrote {path}")
+        return path
+
+    args, model = load_run(eval_args.exp_dir, eval_args.checkpoint, device)
+    for key in ("sampler", "steps", "T", "churn"):
+        if getattr(eval_args, key) is not None:
+            setattr(args, key, getattr(eval_args, key))
+    scale = eval_args.scale if eval_args.mode == "superres" else 1
+    data = load_functions(args.dataset, args.resolution * scale, args.crop * scale, args.n_functions, args.val_size,
+                          args.data_dir, args.seed)
+    size = data["train"].shape[-1]
+    noise = GaussianNoise(size, args.noise, args.kernel, args.rbf_scale, args.rbf_eps, device)
+    sigmas = geometric_sigmas(args.sigma_1, args.sigma_L, args.L)
+    samples, evaluations, seconds = generate_functions(model, noise, sigmas, eval_args.Ntest, args.sampler, sampler_options(args),
+                                                       eval_args.val_batch_size, eval_args.seed, device,
+                                                       progress=not eval_args.no_progress)
+    train_stats = circular_statistics(data["train"])
+    metrics = function_metrics(samples, data["train"], train_stats)
+    floor = real_floor(data, eval_args.Ntest, train_stats)
+    results = {"mode": eval_args.mode, "checkpoint": eval_args.checkpoint, "grid": size, "Ntest": eval_args.Ntest,
+               **metrics, "floor": floor, "sampler": args.sampler, "sampler_options": sampler_options(args),
+               "evaluations_per_sample": evaluations, "sampling_s": seconds}
+    os.makedirs(outdir, exist_ok=True)
+    save_phase_grid(os.path.join(outdir, f"{eval_args.mode}_samples.png"), samples[:16])
+    if eval_args.mode == "generate":
+        variance, skewness = circular_statistics(samples)
+        torch.save({"variance": torch.from_numpy(variance), "skewness": torch.from_numpy(skewness),
+                    "train_variance": torch.from_numpy(train_stats[0]), "train_skewness": torch.from_numpy(train_stats[1]),
+                    "samples": samples.half(),
+                    "title": f"{eval_args.checkpoint}, {size} px: w_total {metrics['w_total']:.4f} (floor {floor['w_total']:.4f})"},
+                   stats_path)
+    else:
+        native_path = os.path.join(outdir, "generate.json")
+        if os.path.isfile(native_path):
+            with open(native_path) as file:
+                native = json.load(file)
+            results["native_w_total"] = native["w_total"]
+            results["w_total_ratio_to_native"] = metrics["w_total"] / native["w_total"]
+    common.write_json(os.path.join(outdir, f"{eval_args.mode}.json"), results)
+    print(f"{eval_args.mode} at {size} px, {eval_args.Ntest} samples ({args.sampler}, {evaluations} evaluations, {seconds:.0f} s): "
+          + ", ".join(f"{key} {metrics[key]:.4f} (floor {floor[key]:.4f})" for key in METRICS))
+    return results
+
+
+if __name__ == "__main__":
+    common.run_main(main)

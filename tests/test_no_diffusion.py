@@ -1,0 +1,305 @@
+"""Tests of no_diffusion.py: noise covariance, spectral convolution, circular statistics, metrics, a brief
+training on a known Gaussian random field, eval modes, one-line errors, resume. CPU only, offline, tiny."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import no_diffusion
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(argv):
+    """Run no_diffusion.main the way `python no_diffusion.py ...` does; returns the exit status."""
+    try:
+        common.run_main(lambda: no_diffusion.main(argv))
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+def tiny_args(outdir, data_dir, *extra):
+    return ["--outdir", str(outdir), "--data-dir", str(data_dir), "--dataset", "grf", "--resolution", "16",
+            "--n-functions", "320", "--width", "8", "--modes", "4", "--layers", "2", "--batch-size", "32",
+            "--L", "20", "--Ntest", "32", "--steps", "4", "--record-interval", "1", "--epochs", "2",
+            "--no-progress", *extra]
+
+
+class StopAfter:
+    """Stand-in for common.StopSignal that 'receives' SIGTERM after a number of polls (mid-epoch)."""
+    polls_left = 5
+
+    def __init__(self):
+        self.polls = 0
+
+    @property
+    def received(self):
+        self.polls += 1
+        return "SIGTERM" if self.polls > StopAfter.polls_left else None
+
+    def close(self):
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# noise
+
+@pytest.mark.parametrize("kernel,scale", [("se", 0.1), ("exponential", 0.2)])
+def test_fft_noise_covariance_matches_the_kernel(kernel, scale):
+    noise = no_diffusion.GaussianNoise(12, "rbf", kernel, scale, nugget=0.1)
+    samples = noise.draw(20000, torch.Generator().manual_seed(0))
+    assert samples.shape == (20000, 2, 12, 12)
+    for channel in (0, 1):
+        flat = samples[:, channel].reshape(len(samples), -1).double()
+        empirical = flat.T @ flat / len(flat)                     # (144, 144), mean 0 by construction
+        truth = noise.covariance(144)
+        # the standard error of one entry is at most sqrt(2 / 20000) = 0.01
+        assert (empirical - truth).abs().max() < 0.06
+        assert abs(empirical.diagonal().mean() - (1 + 0.1**2)) < 0.02
+    # the two channels are independent
+    assert abs(torch.corrcoef(torch.stack([samples[:, 0].flatten(), samples[:, 1].flatten()]))[0, 1]) < 0.01
+    # a pair of pixels a known distance apart: the kernel value itself
+    d = 3 / 12
+    expected = math.exp(-d**2 / (2 * scale**2)) if kernel == "se" else math.exp(-d / (2 * scale**2))
+    assert abs(float((samples[:, 0, 0, 0] * samples[:, 0, 0, 3]).mean()) - expected) < 0.03
+
+
+def test_white_noise_and_embedding_size():
+    white = no_diffusion.GaussianNoise(8, "white").draw(5000, torch.Generator().manual_seed(0))
+    assert abs(white.var() - 1) < 0.02
+    assert torch.equal(no_diffusion.GaussianNoise(8, "white").covariance(10), torch.eye(10, dtype=torch.float64))
+    # a short kernel needs a torus barely larger than the grid; a long one a larger torus, which keeps it PSD
+    assert no_diffusion.GaussianNoise(128, "rbf", "exponential", 0.05).m < 150
+    long = no_diffusion.GaussianNoise(32, "rbf", "se", 0.5)
+    assert long.m >= 64 and long.clipped_share < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+def smooth_function(n):
+    """A band-limited periodic function on the n x n grid of [0,1)^2, 3 channels, (1, 3, n, n)."""
+    y, x = torch.meshgrid(torch.arange(n) / n, torch.arange(n) / n, indexing="ij")
+    channels = [torch.sin(2 * math.pi * x) + 0.5 * torch.cos(2 * math.pi * 3 * y),
+                torch.cos(2 * math.pi * (x + 2 * y)), torch.sin(2 * math.pi * 2 * x) * torch.cos(2 * math.pi * y)]
+    return torch.stack(channels)[None].float()
+
+
+def test_spectral_convolution_is_consistent_across_resolutions():
+    torch.manual_seed(0)
+    layer = no_diffusion.SpectralConv2d(3, 4, modes=5)
+    coarse, fine = layer(smooth_function(16)), layer(smooth_function(32))
+    assert coarse.shape == (1, 4, 16, 16) and fine.shape == (1, 4, 32, 32)
+    assert coarse.abs().max() > 0.1
+    assert torch.allclose(fine[..., ::2, ::2], coarse, atol=1e-5)
+
+
+def test_model_runs_at_any_resolution_and_depends_on_sigma():
+    torch.manual_seed(0)
+    model = no_diffusion.ScoreFNO(width=8, modes=4, layers=2)
+    for block in model.blocks:   # FiLM starts at zero; give it weights so sigma matters
+        torch.nn.init.normal_(block.film.proj.weight, std=0.1)
+    x = torch.randn(2, 2, 16, 16)
+    assert model(x, torch.tensor([1.0, 1.0])).shape == (2, 2, 16, 16)
+    assert model(torch.randn(2, 2, 24, 24), torch.tensor([1.0, 1.0])).shape == (2, 2, 24, 24)
+    assert not torch.allclose(model(x, torch.tensor([0.1, 0.1])), model(x, torch.tensor([10.0, 10.0])))
+    ablation = no_diffusion.ScoreFNO(width=8, modes=4, layers=2, sigma_embedding=False)
+    assert torch.equal(ablation(x, torch.tensor([0.1, 0.1])), ablation(x, torch.tensor([10.0, 10.0])))
+
+
+def test_geometric_sigmas():
+    sigmas = no_diffusion.geometric_sigmas(30.0, 0.01, 500)
+    assert sigmas.shape == (500,) and math.isclose(sigmas[0], 30) and math.isclose(sigmas[-1], 0.01)
+    ratios = sigmas[1:] / sigmas[:-1]
+    assert torch.allclose(ratios, ratios[0].expand_as(ratios))
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+
+def functions_with_phases(phases):
+    phase = torch.tensor(phases, dtype=torch.float64).view(1, 2, 2)
+    return torch.stack([torch.cos(phase), torch.sin(phase)], dim=1)
+
+
+def test_circular_statistics_match_hand_computed_values():
+    # phases 0, 0, pi/2, pi: C1 = 1, S1 = 1, R1 = sqrt(2)/4, T1 = pi/4; 2 phi = 0, 0, pi, 2 pi: C2 = 2, S2 = 0,
+    # R2 = 1/2, T2 = 0; skewness = R2 sin(T2 - 2 T1) / (1 - R1)^{3/2} = -1/2 / (1 - sqrt(2)/4)^{3/2}
+    variance, skewness = no_diffusion.circular_statistics(functions_with_phases([0, 0, math.pi / 2, math.pi]))
+    assert variance[0] == pytest.approx(1 - math.sqrt(2) / 4, abs=1e-12)
+    assert skewness[0] == pytest.approx(-0.5 / (1 - math.sqrt(2) / 4) ** 1.5, abs=1e-12)
+    # a constant phase: variance 0; a uniform spread over the circle: variance 1
+    variance, _ = no_diffusion.circular_statistics(functions_with_phases([1.0, 1.0, 1.0, 1.0]))
+    assert variance[0] == pytest.approx(0, abs=1e-12)
+    variance, _ = no_diffusion.circular_statistics(functions_with_phases([0, math.pi / 2, math.pi, -math.pi / 2]))
+    assert variance[0] == pytest.approx(1, abs=1e-12)
+
+
+def test_metrics_of_identical_sets_are_zero_and_of_different_sets_positive():
+    functions = no_diffusion.grf_functions(64, seed=0, resolution=8)
+    metrics = no_diffusion.function_metrics(functions, functions)
+    assert all(metrics[key] == pytest.approx(0, abs=1e-12) for key in no_diffusion.METRICS)
+    shifted = no_diffusion.function_metrics(functions + 0.5, functions)
+    assert shifted["mean_l2"] == pytest.approx(0.5, abs=1e-6) and shifted["w_total"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+def test_synthetic_volcano_is_seeded_wrapped_and_split(tmp_path):
+    phase = no_diffusion.synthetic_volcano_phase(6, seed=3, size=32)
+    assert torch.equal(phase, no_diffusion.synthetic_volcano_phase(6, seed=3, size=32))
+    assert phase.abs().max() <= math.pi + 1e-6 and phase.std() > 0.5
+    data = no_diffusion.load_functions("synthetic-volcano", 16, 0, 40, 0.25, str(tmp_path))
+    assert data["train"].shape == (30, 2, 16, 16) and data["held_out"].shape == (10, 2, 16, 16)
+    norms = data["train"].pow(2).sum(1)        # cos^2 + sin^2, below 1 where resizing averaged fringes
+    assert norms.max() <= 1.001 and norms.mean() > 0.7
+    again = no_diffusion.load_functions("synthetic-volcano", 16, 0, 40, 0.25, str(tmp_path))    # from the cache
+    assert "cached in" in again["reason"] and torch.equal(again["held_out"], data["held_out"])
+
+
+def test_volcano_reader(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "ints" / "sub"
+    folder.mkdir(parents=True)
+    raw = rng.standard_normal((3, 128, 128, 2)).astype(np.float32)
+    for i in range(3):
+        raw[i].tofile(folder / f"{i}.int")
+    phases = no_diffusion.read_volcano(str(tmp_path / "ints"))
+    assert torch.allclose(phases[1], torch.from_numpy(np.arctan2(raw[1, ..., 1], raw[1, ..., 0])))
+    functions = no_diffusion.phase_to_functions(phases, 128, 8)
+    assert functions.shape == (3, 2, 120, 120)
+
+
+def one_line_error(capsys, argv):
+    status = run_cli(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_bad_inputs_give_one_line(tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"batch_size": 16,')
+    assert "not valid JSON" in one_line_error(capsys, ["--config", str(corrupt), "--outdir", str(tmp_path / "a")])
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text('{"sigma_one": 3}')
+    assert "unknown keys" in one_line_error(capsys, ["--config", str(unknown), "--outdir", str(tmp_path / "a")])
+    missing = tmp_path / "nowhere"
+    os.environ.pop("DATA_DIR", None)
+    assert "does not exist" in one_line_error(capsys, ["--dataset", "volcano", "--data-dir", str(missing),
+                                                       "--outdir", str(tmp_path / "b")])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no *.int files" in one_line_error(capsys, ["--dataset", "volcano", "--data-dir", str(empty),
+                                                       "--outdir", str(tmp_path / "b")])
+    (empty / "short.int").write_bytes(b"\0" * 1000)
+    assert "1000 bytes" in one_line_error(capsys, ["--dataset", "volcano", "--data-dir", str(empty),
+                                                   "--outdir", str(tmp_path / "b")])
+    assert "--sigma-1" in one_line_error(capsys, ["--sigma-1", "0.001", "--outdir", str(tmp_path / "c")])
+
+
+def test_flags_override_the_experiment_file(tmp_path):
+    config = tmp_path / "exp.json"
+    config.write_text(json.dumps({"noise": "white", "batch_size": 8, "sigma_1": 5.0}))
+    args = no_diffusion.parse_args(["--config", str(config), "--batch-size", "4"])
+    assert args.noise == "white" and args.batch_size == 4 and args.sigma_1 == 5.0
+    os.environ["SAVEDIR"] = str(tmp_path / "saved")
+    try:
+        assert no_diffusion.run_directory(no_diffusion.parse_args(["--config", str(config), "--run-id", "7"])) == \
+            str(tmp_path / "saved" / "7" / "exp")
+    finally:
+        del os.environ["SAVEDIR"]
+    for name in ("indep", "rbf", "rbf-reference"):   # the shipped experiment files parse
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "json", f"{name}.json")
+        no_diffusion.parse_args(["--config", path])
+
+
+# ----------------------------------------------------------------------------------------------
+# training, sampling, evaluation
+
+def covariance_errors(samples, truth_variance=1.0, neighbour=math.exp(-(1 / 16) ** 2 / (2 * 0.1**2))):
+    """|pointwise variance - truth| and |covariance of horizontal neighbours - truth|, averaged."""
+    x = samples.double()
+    variance = x.var(0).mean()
+    pair = (x[..., :, :-1] * x[..., :, 1:]).mean(0).mean() - (x.mean(0)[..., :, :-1] * x.mean(0)[..., :, 1:]).mean()
+    return abs(float(variance) - truth_variance), abs(float(pair) - neighbour)
+
+
+def test_brief_training_on_grf_moves_samples_to_the_true_covariance(tmp_path):
+    outdir = tmp_path / "grf"
+    assert run_cli(tiny_args(outdir, tmp_path / "data", "--epochs", "12", "--record-interval", "12", "--lr", "3e-3",
+                             "--ema-decay", "0.9", "--noise", "white", "--sigma-1", "5", "--steps", "10")) == 0
+    args, trained = no_diffusion.load_run(str(outdir), "model.pt", "cpu")
+    noise = no_diffusion.GaussianNoise(16, "white")
+    sigmas = no_diffusion.geometric_sigmas(args.sigma_1, args.sigma_L, args.L)
+    options = {"steps": 10, "churn": 0.0}
+    torch.manual_seed(0)
+    untrained = no_diffusion.ScoreFNO(**no_diffusion.model_args_of(args))
+    before, _, _ = no_diffusion.generate_functions(untrained, noise, sigmas, 256, "heun", options, 256, 5, "cpu")
+    after, evaluations, _ = no_diffusion.generate_functions(trained, noise, sigmas, 256, "heun", options, 256, 5, "cpu")
+    assert evaluations == 19
+    variance_before, pair_before = covariance_errors(before)
+    variance_after, pair_after = covariance_errors(after)
+    assert variance_after < 0.3 * variance_before and variance_after < 0.35
+    assert pair_after < 0.3 * pair_before and pair_after < 0.35
+    results = json.loads((outdir / "results.json").read_text())
+    assert results["evaluations_per_sample"] == 19 and results["floor"]["count"] == 32
+    assert set(no_diffusion.METRICS) <= set(results) and set(no_diffusion.METRICS) <= set(results["floor"])
+
+
+def test_langevin_sampler_counts_evaluations_and_stays_finite():
+    model = no_diffusion.ScoreFNO(width=8, modes=4, layers=1)
+    noise = no_diffusion.GaussianNoise(8, "rbf", "se", 0.1, 0.01)
+    sigmas = no_diffusion.geometric_sigmas(1.0, 0.01, 5)
+    samples, evaluations, _ = no_diffusion.generate_functions(model, noise, sigmas, 4, "langevin",
+                                                              {"T": 3, "epsilon": 1e-3}, 4, 0, "cpu")
+    assert evaluations == 15 and samples.shape == (4, 2, 8, 8) and torch.isfinite(samples).all()
+
+
+def test_run_outputs_eval_modes_and_resume(tmp_path, monkeypatch):
+    data_dir = tmp_path / "data"
+    full = tmp_path / "full"
+    assert run_cli(tiny_args(full, data_dir)) == 0
+    for name in ("config.json", "metrics.jsonl", "results.json", "model.pt", "u_noised.png", "noise/noise_samples.png",
+                 "noise/noise_sampler_C.png", "samples/1.png", "samples/2.png", "stats/2.png",
+                 *(f"model.{key}.pt" for key in no_diffusion.METRICS)):
+        assert (full / name).is_file(), name
+
+    # eval: generate, plot, superres (2x the training grid)
+    common_eval = ["eval", "--exp-dir", str(full), "--Ntest", "8", "--val-batch-size", "8", "--no-progress"]
+    assert run_cli([*common_eval, "--mode", "generate", "--checkpoint", "model.w_total.pt"]) == 0
+    assert run_cli([*common_eval, "--mode", "plot"]) == 0
+    assert run_cli([*common_eval, "--mode", "superres"]) == 0
+    superres = json.loads((full / "eval" / "superres.json").read_text())
+    assert superres["grid"] == 32 and "w_total_ratio_to_native" in superres
+    assert (full / "eval" / "histograms.png").is_file()
+
+    # stopped mid-epoch by SIGTERM, then resumed: the same weights and metrics as the uninterrupted run
+    stopped = tmp_path / "stopped"
+    monkeypatch.setattr(common, "StopSignal", StopAfter)
+    assert run_cli(tiny_args(stopped, data_dir)) == 0
+    assert not (stopped / "results.json").exists()
+    monkeypatch.undo()
+    assert run_cli(tiny_args(stopped, data_dir)) == 2           # model.pt exists: --resume needed
+    assert run_cli(tiny_args(stopped, data_dir, "--resume")) == 0
+    a = torch.load(full / "model.pt", weights_only=True)
+    b = torch.load(stopped / "model.pt", weights_only=True)
+    assert a["step"] == b["step"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+        assert torch.equal(a["ema"]["model"][key], b["ema"]["model"][key]), key
+    results_a = json.loads((full / "results.json").read_text())
+    results_b = json.loads((stopped / "results.json").read_text())
+    assert all(results_a[key] == results_b[key] for key in no_diffusion.METRICS)
