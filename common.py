@@ -727,9 +727,32 @@ class RunLogger:
                 print(f"W&B did not start ({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}); "
                       "continuing with metrics.jsonl only")
 
+    def _locked(self):
+        """An exclusive lock on .metrics.jsonl.lock: several processes (a SLURM array writing one outdir)
+        may append and truncate the same metrics.jsonl. No-op where fcntl does not exist."""
+        import contextlib
+        try:
+            import fcntl
+        except ImportError:
+            return contextlib.nullcontext()
+
+        directory, name = os.path.split(self.path)
+        if not os.path.isdir(directory or "."):
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def lock():
+            with open(os.path.join(directory, f".{name}.lock"), "a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+        return lock()
+
     def log(self, metrics, step=None):
         record = {"time": time.time(), **({"step": step} if step is not None else {}), **metrics}
-        with open(self.path, "a") as file:
+        with self._locked(), open(self.path, "a") as file:
             file.write(json.dumps(record, default=float) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
@@ -738,6 +761,10 @@ class RunLogger:
         """Drop the metrics.jsonl records with a step greater than `step` whose fields equal `match`
         (e.g. config=..., seed=...): after a resume from `step` they are logged again, so without this
         the steps between the last checkpoint and the kill would appear twice. Returns how many went."""
+        with self._locked():
+            return self._truncate_after(step, match)
+
+    def _truncate_after(self, step, match):
         if not os.path.exists(self.path):
             return 0
         kept, dropped = [], 0

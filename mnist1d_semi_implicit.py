@@ -9,6 +9,7 @@ Eight configurations = {mse, kl} loss x {gaussian, convex} noise x {implicit, se
     python mnist1d_semi_implicit.py --outdir runs/one --configs mse-convex-semi-implicit --epochs 60
     python mnist1d_semi_implicit.py --outdir runs/mnist1d --resume        # continue after a kill or preemption
     python mnist1d_semi_implicit.py --check                               # pre-flight, seconds, before sbatch
+    python mnist1d_semi_implicit.py report --outdir runs/mnist1d          # merge the finished configs (SLURM array)
 
 Writes into --outdir: config.json, metrics.jsonl, runs/<config>-seed<k>/{checkpoint.pt,result.json},
 results.json (every metric and curve), report.md, and PNG plots (loss_curves, loss_components,
@@ -628,7 +629,8 @@ def plot_all(results, outdir):
             line, = ax.plot(epochs, smooth(c["train_loss"]), label=c["name"])  # the KL curves are noise-dominated
             ax.plot(epochs, c["train_loss"], color=line.get_color(), alpha=0.25, lw=0.8)
         ax.set(title=f"training loss ({loss_kind}; 5-epoch moving average, raw faint)", xlabel="epoch", yscale="log")
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     written.append(_save(fig, outdir, "loss_curves.png"))
 
     semi = [c for c in configs if c["training"] == "semi-implicit"]
@@ -712,21 +714,22 @@ def linear_verdict(c):
 def exceeds_spread(first, second, key):
     """Whether two configs' means differ by more than twice the standard error of the difference
     (std over seeds / sqrt(seeds)); None with one seed (no spread to compare against)."""
-    seeds = len(first["seeds"])
-    if seeds < 2:
+    if min(len(first["seeds"]), len(second["seeds"])) < 2:
         return None
-    standard_error = math.sqrt((first["std"][key] ** 2 + second["std"][key] ** 2) / seeds)
+    standard_error = math.sqrt(first["std"][key] ** 2 / len(first["seeds"]) + second["std"][key] ** 2 / len(second["seeds"]))
     return abs(first[key] - second[key]) > 2 * standard_error
 
 
 def write_report(results, plots, outdir):
     configs, baselines, reference = results["configs"], results["baselines"], results["reference"]
     linear = baselines["linear_denoiser"]
-    seeds = len(configs[0]["seeds"])
-    pm = (lambda c, k, fmt: f"{c[k]:{fmt}} ± {c['std'][k]:{fmt}}") if seeds > 1 else (lambda c, k, fmt: f"{c[k]:{fmt}}")
+    counts = sorted({len(c["seeds"]) for c in configs})
+    seeds = counts[-1]
+    seeds_text = f"{seeds} seed(s)" if len(counts) == 1 else f"{counts[0]}-{seeds} seeds per config (a merge of finished runs)"
+    pm = lambda c, k, fmt: f"{c[k]:{fmt}} ± {c['std'][k]:{fmt}}" if len(c["seeds"]) > 1 else f"{c[k]:{fmt}}"
     lines = [f"# MNIST1D: implicit vs semi-implicit diffusion training", "",
              f"Dataset {results['dataset']['name']} ({results['dataset']['train']} train / {results['dataset']['test']} test), "
-             f"{results['args']['epochs']} epochs per config, {seeds} seed(s){' (mean ± std over seeds)' if seeds > 1 else ''}, "
+             f"{results['args']['epochs']} epochs per config, {seeds_text}{' (mean ± std over seeds)' if seeds > 1 else ''}, "
              f"device {results['device']}. Test metrics on the {results['dataset']['test']} test signals with the EMA weights.", "",
              "Forward MSE is judged against the best linear denoiser (the Wiener filter of the training mean and "
              "covariance, on the same t grid and noise): `/ linear` is the ratio overall, `/ linear (band)` in the "
@@ -734,7 +737,8 @@ def write_report(results, plots, outdir):
              "| config | forward MSE | / linear | / linear (band) | inverse MSE | KL (nats/dim) | sample FD | sample acc | epochs to 90% | runtime (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in configs:
-        lines.append(f"| {c['name']} | {pm(c, 'test_mse_forward', '.4f')} | {pm(c, 'linear_ratio', '.3f')} | "
+        label = c["name"] if len(counts) == 1 else f"{c['name']} ({len(c['seeds'])} seeds)"
+        lines.append(f"| {label} | {pm(c, 'test_mse_forward', '.4f')} | {pm(c, 'linear_ratio', '.3f')} | "
                      f"{pm(c, 'linear_ratio_band', '.3f')} | {pm(c, 'test_mse_inverse', '.4f')} | {pm(c, 'test_kl', '.3f')} | "
                      f"{pm(c, 'sample_fd', '.2f')} | {pm(c, 'sample_accuracy', '.3f')} | {pm(c, 'epochs_to_90pct', '.0f')} | "
                      f"{pm(c, 'runtime_s', '.0f')} |")
@@ -816,22 +820,12 @@ def preflight(args):
     print(f"pre-flight passed in {time.time() - started:.1f}s")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.check:
-        return preflight(args)
-    device = common.pick_device(args.device)
-    common.prepare_outdir(args.outdir)
-    if not args.resume and os.path.isdir(os.path.join(args.outdir, "runs")) and os.listdir(os.path.join(args.outdir, "runs")):
-        raise common.UserError(f"{args.outdir} already holds a run; pass --resume to continue it, or choose another --outdir")
-
+def references(args, device):
+    """Data, evaluation classifier and every reference a sweep is judged against (same for every config)."""
     data = common.load_mnist1d(args.data_dir, args.dataset_seed)
     fresh = common.load_mnist1d(args.data_dir, args.dataset_seed + 1)  # unseen real signals for the real-vs-real FD
     dataset = {"name": "mnist1d", "train": len(data["x"]), "test": len(data["x_test"]), "classes": NUM_CLASSES,
                "seed": args.dataset_seed}
-    common.write_json(os.path.join(args.outdir, "config.json"), {**vars(args), "dataset": dataset, "device": str(device)})
     classifier, classifier_accuracy = load_or_train_classifier(data, args.data_dir, args.dataset_seed, device)
     with torch.no_grad():
         reference_features = classifier.features(data["x_test"].to(device)).cpu().numpy()
@@ -846,25 +840,89 @@ def main(argv=None):
     print(f"baselines: best linear denoiser MSE " + ", ".join(f"{noise} {ref['mse']:.4f}" for noise, ref in linear.items())
           + f"; predict-zero MSE {baselines['predict_zero_mse']:.4f}, class-mean MSE {baselines['class_mean_mse']:.4f}; "
           f"real-vs-real FD {real_fd:.2f}, classifier test accuracy {classifier_accuracy:.3f}")
-    plots = [plot_prime_inverses(data, args.outdir)]
+    return {"data": data, "dataset": dataset, "classifier": classifier, "reference_features": reference_features,
+            "linear": linear, "baselines": baselines, "reference": {"real_fd": real_fd, "real_accuracy": classifier_accuracy}}
 
-    stop = common.StopSignal()
-    configs = []
-    for name in args.configs:
-        per_seed = [run_config(name, seed, args, data, classifier, reference_features, device, stop, {"dataset": dataset},
-                               linear[name.split("-")[1]])
-                    for seed in range(args.seed, args.seed + args.seeds)]
-        configs.append(aggregate(per_seed))
-    stop.close()
 
-    results = {"configs": configs, "baselines": baselines,
-               "reference": {"real_fd": real_fd, "real_accuracy": classifier_accuracy},
-               "dataset": dataset, "device": str(device), "torch": torch.__version__, "args": vars(args)}
-    plots += plot_all(results, args.outdir)
+def write_outputs(configs, refs, args, device, plots):
+    results = {"configs": configs, "baselines": refs["baselines"], "reference": refs["reference"],
+               "dataset": refs["dataset"], "device": str(device), "torch": torch.__version__, "args": vars(args)}
+    plots = plots + plot_all(results, args.outdir)
     write_report(results, plots, args.outdir)
     common.write_json(os.path.join(args.outdir, "results.json"), results)
     print(f"wrote {os.path.join(args.outdir, 'results.json')} and report.md")
     return results
+
+
+def report_main(argv):
+    """`report --outdir DIR`: merge whatever configs and seeds are finished in DIR (e.g. by a SLURM array, one
+    config per task, or a sweep still running) into results.json, report.md and the plots. Only results
+    whose run identity matches DIR's config.json are merged; the others are named and left out."""
+    p = common.ArgumentParser(prog="mnist1d_semi_implicit.py report", description=report_main.__doc__.split(":")[0])
+    p.add_argument("--outdir", required=True, help="the sweep's output directory (holds config.json and runs/)")
+    p.add_argument("--device", default="cpu", help="device for the references (cpu is enough)")
+    options = p.parse_args(argv)
+    config_path = os.path.join(options.outdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise common.UserError(f"{options.outdir} holds no sweep (no config.json)")
+    with open(config_path) as file:
+        saved = json.load(file)
+    args = parse_args(["--outdir", options.outdir, "--configs", *ALL_CONFIGS])
+    for key in RUN_IDENTITY + ("data_dir", "seed", "seeds"):
+        if key in saved:
+            setattr(args, key, saved[key])
+    device = common.pick_device(options.device)
+    identity = run_identity(args)
+    configs = []
+    for name in ALL_CONFIGS:
+        per_seed = []
+        for seed in range(1000):
+            path = os.path.join(options.outdir, "runs", f"{name}-seed{seed}", "result.json")
+            if not os.path.exists(path):
+                continue
+            with open(path) as file:
+                result = json.load(file)
+            if result.get("identity") != identity:
+                print(f"left out {path}: run with other settings than {config_path}")
+                continue
+            per_seed.append(result)
+        if per_seed:
+            configs.append(aggregate(per_seed))
+            print(f"{name}: seeds {[r['seed'] for r in per_seed]}")
+    if not configs:
+        raise common.UserError(f"no finished config in {options.outdir}/runs with the settings of {config_path}")
+    refs = references(args, device)
+    plots = ["prime_inverse.png"] if os.path.exists(os.path.join(options.outdir, "prime_inverse.png")) else []
+    return write_outputs(configs, refs, args, device, plots)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "report":
+        return report_main(argv[1:])
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.check:
+        return preflight(args)
+    device = common.pick_device(args.device)
+    common.prepare_outdir(args.outdir)
+    if not args.resume and os.path.isdir(os.path.join(args.outdir, "runs")) and os.listdir(os.path.join(args.outdir, "runs")):
+        raise common.UserError(f"{args.outdir} already holds a run; pass --resume to continue it, or choose another --outdir")
+
+    refs = references(args, device)
+    common.write_json(os.path.join(args.outdir, "config.json"), {**vars(args), "dataset": refs["dataset"], "device": str(device)})
+    plots = [plot_prime_inverses(refs["data"], args.outdir)]
+
+    stop = common.StopSignal()
+    configs = []
+    for name in args.configs:
+        per_seed = [run_config(name, seed, args, refs["data"], refs["classifier"], refs["reference_features"], device,
+                               stop, {"dataset": refs["dataset"]}, refs["linear"][name.split("-")[1]])
+                    for seed in range(args.seed, args.seed + args.seeds)]
+        configs.append(aggregate(per_seed))
+    stop.close()
+    return write_outputs(configs, refs, args, device, plots)
 
 
 if __name__ == "__main__":
