@@ -519,3 +519,26 @@ def test_every_bad_flag_is_one_line_before_any_work(flags, named, capsys):
     assert error.value.code == 2
     message = capsys.readouterr().err.strip()
     assert message.startswith("error:") and "\n" not in message and named in message
+
+
+def test_report_merges_the_finished_configs_with_the_same_settings(sweep, tmp_path):
+    """`report --outdir` (a SLURM array's merge step) rebuilds results.json from runs/*/result.json: the same
+    numbers as the sweep, leaving out a result run with other settings and naming it."""
+    import shutil
+    outdir, results = sweep
+    merged_dir = tmp_path / "merged"
+    shutil.copytree(outdir, merged_dir)
+    stray = merged_dir / "runs" / "kl-convex-implicit-seed0" / "result.json"
+    record = json.loads(stray.read_text())
+    record["identity"]["epochs"] = 99
+    stray.write_text(json.dumps(record))
+    merged = m1d.main(["report", "--outdir", str(merged_dir)])
+    names = [c["name"] for c in merged["configs"]]
+    assert names == [name for name in m1d.ALL_CONFIGS if name != "kl-convex-implicit"]
+    by_name = {c["name"]: c for c in results["configs"]}
+    for c in merged["configs"]:
+        assert c["test_mse_forward"] == by_name[c["name"]]["test_mse_forward"]
+        assert c["linear_ratio_band"] == by_name[c["name"]]["linear_ratio_band"]
+    assert json.loads((merged_dir / "results.json").read_text())["configs"][0]["name"] == names[0]
+    with pytest.raises(common.UserError, match="no config.json"):
+        m1d.main(["report", "--outdir", str(tmp_path / "empty")])
