@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import random
 import shutil
 import signal
@@ -141,9 +142,13 @@ def autocast(device, enabled=True):
 # ----------------------------------------------------------------------------------------------
 # schedules and processes
 
-def linear_beta_schedule(T, beta_start=1e-4, beta_end=2e-2):
-    """DDPM (Ho et al. 2020, Sec. 4) linear betas, shape (T,), float64."""
-    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+def linear_beta_schedule(T, beta_start=1e-4, beta_end=2e-2, max_beta=0.999):
+    """DDPM (Ho et al. 2020, Sec. 4) linear betas, shape (T,), float64, scaled by 1000 / T as in
+    Improved DDPM (Nichol & Dhariwal 2021, `get_named_beta_schedule('linear')`): beta_start and beta_end
+    are the values for T = 1000, so x_T is close to the prior N(0, I) for any T (unscaled, T = 100 ends
+    at a_T = 0.60). Betas are clipped at max_beta (only for T < 21 with the defaults)."""
+    scale = 1000 / T
+    return torch.linspace(scale * beta_start, scale * beta_end, T, dtype=torch.float64).clamp(max=max_beta)
 
 
 def cosine_alpha_bar(T, s=0.008, max_beta=0.999):
@@ -171,7 +176,8 @@ class Process:
 
 
 def gaussian_process(T=1000, schedule="cosine", beta_start=1e-4, beta_end=2e-2):
-    """DDPM: a_t = sqrt(alpha_bar_t), b_t = sqrt(1 - alpha_bar_t) (Ho et al. 2020, Eq. 4)."""
+    """DDPM: a_t = sqrt(alpha_bar_t), b_t = sqrt(1 - alpha_bar_t) (Ho et al. 2020, Eq. 4).
+    Refused (UserError) when x_T is not close to the prior (check_prior)."""
     if schedule == "linear":
         alpha_bar = torch.cumprod(1 - linear_beta_schedule(T, beta_start, beta_end), dim=0)
     elif schedule == "cosine":
@@ -179,7 +185,30 @@ def gaussian_process(T=1000, schedule="cosine", beta_start=1e-4, beta_end=2e-2):
     else:
         raise UserError(f"unknown schedule {schedule!r} (linear, cosine)")
     alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar])
-    return Process(alpha_bar.sqrt(), (1 - alpha_bar).sqrt())
+    return check_prior(Process(alpha_bar.sqrt(), (1 - alpha_bar).sqrt()),
+                       f"the {schedule} schedule with T = {T}" + (f", betas {beta_start:g}..{beta_end:g}"
+                                                                  if schedule == "linear" else ""))
+
+
+# Largest accepted KL(q(x_T | x0) || N(0, I)) per dimension of unit-variance data, in nats. Samplers start
+# from N(0, b_T^2 I); the gap is a bias no sampler can remove. 1e-3 nats <=> a_T^2 of about 2e-3 (a_T <= 0.045).
+MAX_PRIOR_KL = 1e-3
+
+
+def prior_kl_per_dim(process):
+    """KL(q(x_T | x0) || N(0, I)) per dimension averaged over unit-variance data (E[x0^2] = 1), nats:
+    0.5 (a_T^2 + b_T^2 - 1 - log b_T^2); the closed form of prior_kl with ||x0||^2 = dims."""
+    a_T, b_T = process.a[-1].item(), process.b[-1].item()
+    return 0.5 * (a_T**2 + b_T**2 - 1 - math.log(b_T**2))
+
+
+def check_prior(process, what="this process", max_kl=MAX_PRIOR_KL):
+    """Return the process, or raise a one-line UserError when its x_T is not close to the prior N(0, I)."""
+    kl = prior_kl_per_dim(process)
+    if not kl <= max_kl:
+        raise UserError(f"{what} ends far from the prior: a_T = {process.a[-1].item():.3f}, "
+                        f"KL(q(x_T|x0) || N(0,I)) = {kl:.2g} nats/dim > {max_kl:g}; use more steps or larger betas")
+    return process
 
 
 def convex_process(T=1000):
@@ -270,6 +299,14 @@ def sampling_timesteps(T, steps):
     return torch.linspace(T, 0, steps + 1).round().long()
 
 
+def _gaussian_like(x, generator=None):
+    """Standard normal noise shaped like x, on x's device and dtype. It is drawn on the generator's own
+    device and then moved, so any generator/tensor device pair works (a CPU generator with CUDA tensors
+    would otherwise fail with "Expected a 'cuda' device type for generator")."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
 def _time_batch(t, x):
     return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
 
@@ -281,8 +318,7 @@ def sample_ddpm(denoise, x, process, steps, generator=None, progress=False):
     for t, s in zip(tqdm_maybe(times[:-1], progress), times[1:]):
         t_batch, s_batch = _time_batch(t, x), _time_batch(s, x)
         mean, var = posterior(process, denoise(x, t_batch), x, t_batch, s_batch)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = mean + var.sqrt() * noise if s > 0 else mean
+        x = mean + var.sqrt() * _gaussian_like(x, generator) if s > 0 else mean
     return x
 
 
@@ -300,7 +336,7 @@ def sample_ddim(denoise, x, process, steps, generator=None, progress=False, eta=
         sigma2 = eta**2 * (b_t**2 - (a_t / a_s) ** 2 * b_s**2) * b_s**2 / b_t**2
         x = a_s * x0_hat + (b_s**2 - sigma2).clamp(min=0).sqrt() * eps_hat
         if eta > 0 and s > 0:
-            x = x + sigma2.sqrt() * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + sigma2.sqrt() * _gaussian_like(x, generator)
     return x
 
 
@@ -519,10 +555,14 @@ def frechet_distance_or_reason(features_a, features_b):
 # checkpoints
 
 def save_checkpoint(path, state):
-    """torch.save to a temporary file in the same directory, fsync, then atomic rename."""
+    """torch.save to a temporary file in the same directory, fsync, then atomic rename.
+
+    The temporary file is named .tmp-<host>-<pid>-*.pt; a kill during the write leaves it behind, so
+    stale ones in the directory (clean_stale_temporaries) are removed first."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    clean_stale_temporaries(directory)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f"{_TEMPORARY_PREFIX}{_host()}-{os.getpid()}-", suffix=".pt")
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -536,6 +576,55 @@ def save_checkpoint(path, state):
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+_TEMPORARY_PREFIX = ".tmp-"
+STALE_TEMPORARY_S = 3600  # a temporary file untouched this long is stale whoever wrote it (other hosts)
+
+
+def _host():
+    return platform.node().replace("-", "_") or "host"
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temporaries(directory):
+    """Delete the .tmp-*.pt files that save_checkpoint left behind when a process was killed mid-write:
+    those of a process on this host that no longer runs, and any untouched for STALE_TEMPORARY_S
+    (a writer on another host sharing the directory). A live writer's file is never touched.
+    Returns the removed paths."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(_TEMPORARY_PREFIX) and name.endswith(".pt")):
+            continue
+        path = os.path.join(directory, name)
+        parts = name[len(_TEMPORARY_PREFIX):].split("-")
+        try:
+            age = time.time() - os.path.getmtime(path)
+        except OSError:
+            continue
+        same_host_dead = (len(parts) >= 3 and parts[0] == _host() and parts[1].isdigit()
+                          and not _process_alive(int(parts[1])))
+        # files of the old naming (.tmp-XXXX.pt, no host and pid) count as stale once old enough
+        if same_host_dead or age > STALE_TEMPORARY_S:
+            try:
+                os.remove(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
 
 
 def checkpoint_meta(script, kind, **extra):
@@ -661,12 +750,65 @@ class RunLogger:
                 print(f"W&B did not start ({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}); "
                       "continuing with metrics.jsonl only")
 
+    def _locked(self):
+        """An exclusive lock on .metrics.jsonl.lock: several processes (a SLURM array writing one outdir)
+        may append and truncate the same metrics.jsonl. No-op where fcntl does not exist."""
+        import contextlib
+        try:
+            import fcntl
+        except ImportError:
+            return contextlib.nullcontext()
+
+        directory, name = os.path.split(self.path)
+        if not os.path.isdir(directory or "."):
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def lock():
+            with open(os.path.join(directory, f".{name}.lock"), "a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+        return lock()
+
     def log(self, metrics, step=None):
         record = {"time": time.time(), **({"step": step} if step is not None else {}), **metrics}
-        with open(self.path, "a") as file:
+        with self._locked(), open(self.path, "a") as file:
             file.write(json.dumps(record, default=float) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def truncate_after(self, step, **match):
+        """Drop the metrics.jsonl records with a step greater than `step` whose fields equal `match`
+        (e.g. config=..., seed=...): after a resume from `step` they are logged again, so without this
+        the steps between the last checkpoint and the kill would appear twice. Returns how many went."""
+        with self._locked():
+            return self._truncate_after(step, match)
+
+    def _truncate_after(self, step, match):
+        if not os.path.exists(self.path):
+            return 0
+        kept, dropped = [], 0
+        with open(self.path) as file:
+            for line in file:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    dropped += 1
+                    continue
+                if (record.get("step") is not None and record["step"] > step
+                        and all(record.get(key) == value for key, value in match.items())):
+                    dropped += 1
+                else:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        if dropped:
+            temporary = f"{self.path}.tmp"
+            with open(temporary, "w") as file:
+                file.writelines(kept)
+            os.replace(temporary, self.path)
+        return dropped
 
     def log_image(self, key, path, caption=None):
         if self.wandb is not None:
@@ -839,12 +981,33 @@ def fetch_mnist(data_dir, timeout=10):
     raise OSError("; ".join(failures))
 
 
+IDX_TYPES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
+
+
 def read_idx(path):
-    """Read an IDX file (LeCun's format: magic, dims as big-endian int32, then uint8 data) to a NumPy array."""
+    """Read an IDX file (LeCun's format) to a NumPy array. Header: two zero bytes, a type byte (0x08 =
+    uint8, the only type MNIST uses), the number of dimensions, then each dimension as a big-endian
+    int32; then the data. A bad header or size is a ValueError that says what is wrong, in one line."""
     with open(path, "rb") as file:
         data = file.read()
+    name = os.path.basename(path)
+    if len(data) < 4:
+        raise ValueError(f"{name}: {len(data)} bytes, too short for an IDX header")
+    if data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{name}: not an IDX file (magic number starts {data[0]:#04x} {data[1]:#04x}, "
+                         f"expected 0x00 0x00; a gzip file starts 0x1f 0x8b: decompress it first)")
+    if data[2] != 0x08:
+        kind = IDX_TYPES.get(data[2], "an unknown type")
+        raise ValueError(f"{name}: IDX type byte {data[2]:#04x} ({kind}), expected 0x08 (uint8) for MNIST")
     ndim = data[3]
+    if not 1 <= ndim <= 4:
+        raise ValueError(f"{name}: IDX header gives {ndim} dimensions, expected 1 to 4")
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{name}: truncated IDX header")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = 4 + 4 * ndim + int(np.prod(shape, dtype=np.int64))
+    if len(data) != expected:
+        raise ValueError(f"{name}: {len(data)} bytes, but the IDX header shape {shape} needs {expected}")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 

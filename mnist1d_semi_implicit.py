@@ -9,6 +9,7 @@ Eight configurations = {mse, kl} loss x {gaussian, convex} noise x {implicit, se
     python mnist1d_semi_implicit.py --outdir runs/one --configs mse-convex-semi-implicit --epochs 60
     python mnist1d_semi_implicit.py --outdir runs/mnist1d --resume        # continue after a kill or preemption
     python mnist1d_semi_implicit.py --check                               # pre-flight, seconds, before sbatch
+    python mnist1d_semi_implicit.py report --outdir runs/mnist1d          # merge the finished configs (SLURM array)
 
 Writes into --outdir: config.json, metrics.jsonl, runs/<config>-seed<k>/{checkpoint.pt,result.json},
 results.json (every metric and curve), report.md, and PNG plots (loss_curves, loss_components,
@@ -34,6 +35,11 @@ LOSSES, NOISES, TRAININGS = ("mse", "kl"), ("gaussian", "convex"), ("implicit", 
 ALL_CONFIGS = [f"{loss}-{noise}-{training}" for loss in LOSSES for noise in NOISES for training in TRAININGS]
 NUM_CLASSES = 10
 NULL_LABEL = NUM_CLASSES  # the "no label" token for classifier-free guidance
+# Every flag that changes a config's result: --resume continues a checkpoint, or reuses a finished
+# config's result.json, only when all of them match (the seed is in the run directory's name).
+RUN_IDENTITY = ("epochs", "batch_size", "lr", "warmup_steps", "grad_clip", "width", "T", "schedule", "label_dropout",
+                "weight_forward", "weight_inverse", "weight_rt_fi", "weight_rt_if", "ema_decay", "eval_strata",
+                "sampler", "sample_steps", "guidance_scale", "samples_per_class", "dataset_seed")
 
 # ----------------------------------------------------------------------------------------------
 # The prime inverse: one deterministic transform per digit (0, 1 and 9 fixed by the user).
@@ -79,7 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--schedule", default="cosine", choices=["cosine", "linear"],
                    help="alpha_bar schedule of the gaussian noise (linear = DDPM betas 1e-4..2e-2)")
     p.add_argument("--label-dropout", type=float, default=0.2,
-                   help="probability of replacing the class label by the null label in z=0 passes (classifier-free guidance)")
+                   help="probability of replacing the class label by the null label in z=0 passes (classifier-free "
+                        "guidance); must be > 0: the forward metrics and guidance use the null label")
     p.add_argument("--weight-forward", type=common.nonnegative_float, default=1.0, help="weight of the forward loss")
     p.add_argument("--weight-inverse", type=common.nonnegative_float, default=1.0, help="weight of the inverse loss (semi-implicit)")
     p.add_argument("--weight-rt-fi", type=common.nonnegative_float, default=0.5, help="weight of the forward->inverse round trip (semi-implicit)")
@@ -103,14 +110,26 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--check", action="store_true", help="pre-flight: imports, W&B login, dataset, device, one step; then exit")
     args = p.parse_args(argv)
-    if not 0 <= args.label_dropout < 1:
-        p.error("--label-dropout must be in [0, 1)")
+    # every flag is checked here, before any data or training: one line, exit 2
+    if not 0 < args.label_dropout < 1:
+        p.error("--label-dropout must be in (0, 1): with 0 the null label is never trained, and the forward "
+                "metrics and guidance use it")
     if not 0 < args.ema_decay < 1:
         p.error("--ema-decay must be in (0, 1)")
+    if args.warmup_steps < 0:
+        p.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if not math.isfinite(args.guidance_scale):
+        p.error(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    if args.threads < 0:
+        p.error(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
+    if args.seed < 0 or args.dataset_seed < 0:
+        p.error("--seed and --dataset-seed must be >= 0")
     if args.eval_strata >= args.T:
         p.error("--eval-strata must be smaller than --T")
     if args.sample_steps > args.T:
         p.error("--sample-steps must be at most --T")
+    if args.weight_forward == 0:
+        p.error("--weight-forward must be > 0: the forward (denoising) loss is what every config trains")
     return args
 
 
@@ -252,13 +271,60 @@ def trivial_baselines(data):
     }
 
 
+class LinearDenoiser:
+    """The best linear denoiser, the reference every forward MSE is judged against: the Wiener filter
+    (the linear minimum-mean-squared-error estimator) from the training mean mu and covariance C,
+
+        x0_hat = mu + a C (a^2 C + b^2 I)^{-1} (x_t - a mu)        for x_t = a x0 + b eps,
+
+    which for Gaussian data is the exact posterior mean E[x0 | x_t]. With C = U diag(lam) U^T it is a
+    per-eigendirection gain a lam / (a^2 lam + b^2), and its expected MSE per dimension is
+    mean_i(lam_i b^2 / (a^2 lam_i + b^2)). Called like the model: (x_t (B, 40), t (B,), z, y) -> (B, 40)."""
+
+    def __init__(self, x_train, process):
+        x = x_train.double().cpu()
+        self.mean = x.mean(0)                                        # (40,)
+        eigenvalues, self.basis = torch.linalg.eigh(torch.cov(x.T))  # (40,), (40, 40) columns = U
+        self.eigenvalues = eigenvalues.clamp(min=0)
+        self.process = process
+
+    def __call__(self, x_t, t, z=None, y=None):
+        a = self.process.a[t.cpu()][:, None]                         # (B, 1) float64
+        b = self.process.b[t.cpu()][:, None]
+        gain = a * self.eigenvalues / (a**2 * self.eigenvalues + b**2)  # (B, 40); 1/a at b = 0, 0 at a = 0
+        centred = (x_t.double().cpu() - a * self.mean) @ self.basis
+        return (self.mean + (gain * centred) @ self.basis.T).to(x_t.dtype).to(x_t.device)
+
+    def expected_mse(self):
+        """Closed-form expected MSE per dimension for every t = 0..T, shape (T+1,), under the training moments."""
+        a, b = self.process.a[:, None], self.process.b[:, None]
+        return (self.eigenvalues * b**2 / (a**2 * self.eigenvalues + b**2)).mean(1)
+
+
+# The mid-noise band: the t where the linear denoiser's expected MSE is between these values (data variance
+# is about 1 per dimension). Below it every denoiser is near perfect; above it every denoiser predicts
+# little more than the mean. It is where a denoiser can show that it learned more than a linear filter.
+BAND_MSE = (0.05, 0.5)
+
+
+def mid_noise_band(linear):
+    """Boolean mask over t = 0..T, shape (T+1,): linear expected MSE within BAND_MSE (t = 0 excluded)."""
+    mse = linear.expected_mse()
+    band = (mse >= BAND_MSE[0]) & (mse <= BAND_MSE[1])
+    band[0] = False
+    return band
+
+
 @torch.no_grad()
-def evaluate(model, process, data, args, device):
-    """Test metrics on the 1000 test signals, identical t grid and noise for every config.
+def evaluate(model, process, data, args, device, band=None, forward_only=False):
+    """Test metrics on the 1000 test signals, identical t grid and noise for every config (and for
+    the linear denoiser, which is evaluated by this same function).
 
     t = 1 is evaluated exactly; 2..T is split into --eval-strata strata with one uniform t per
     stratum and signal. Forward metrics use the null label (unconditional denoising).
-    test_kl: the variational bound L_T + sum_t L_{t-1} per dimension (nats), stratified estimate."""
+    test_kl: the variational bound L_T + sum_t L_{t-1} per dimension (nats), stratified estimate.
+    band: mask over t (mid_noise_band); test_mse_forward_band is the forward MSE over the (signal, t)
+    pairs whose t lies in it. forward_only: skip the conditional, inverse and KL passes."""
     x0, y = data["x_test"].to(device), data["y_test"].to(device)
     n, dims = x0.shape
     generator = torch.Generator().manual_seed(12345)
@@ -270,31 +336,60 @@ def evaluate(model, process, data, args, device):
     strata = [(torch.ones(n, dtype=torch.long), 1)]  # (t per signal, number of timesteps it stands for)
     for lo, hi in zip(edges[:-1], edges[1:]):
         strata.append((torch.randint(int(lo), int(hi), (n,), generator=generator), int(hi - lo)))
-    sums = {"forward": 0.0, "forward_conditional": 0.0, "inverse": 0.0, "mae": 0.0, "vlb": 0.0}
+    sums = {"forward": 0.0, "forward_conditional": 0.0, "inverse": 0.0, "mae": 0.0, "vlb": 0.0,
+            "band": 0.0, "band_count": 0.0}
     forward_by_stratum, stratum_centres = [], []
     for t, size in strata:
         t = t.to(device)
         x_t = common.q_sample(process, x0, t, torch.randn(x0.shape, generator=generator).to(device))
         pred = model(x_t, t, forward_z, no_label)
-        forward = (pred - x0).pow(2).mean().item()
+        error = (pred - x0).pow(2).mean(1)  # (n,) per-signal forward MSE
+        forward = error.mean().item()
         sums["forward"] += size * forward
         sums["mae"] += size * (pred - x0).abs().mean().item()
-        sums["forward_conditional"] += size * (model(x_t, t, forward_z, y) - x0).pow(2).mean().item()
-        sums["inverse"] += size * (model(x0, t, inverse_z, no_label) - target_inverse).pow(2).mean().item()
-        sums["vlb"] += size * common.vlb_terms(process, x0, pred, t).mean().item()
+        if band is not None:
+            in_band = band.to(device)[t]
+            sums["band"] += size * error[in_band].sum().item()
+            sums["band_count"] += size * in_band.sum().item()
+        if not forward_only:
+            sums["forward_conditional"] += size * (model(x_t, t, forward_z, y) - x0).pow(2).mean().item()
+            sums["inverse"] += size * (model(x0, t, inverse_z, no_label) - target_inverse).pow(2).mean().item()
+            sums["vlb"] += size * common.vlb_terms(process, x0, pred, t).mean().item()
         forward_by_stratum.append(forward)
         stratum_centres.append(t.float().mean().item())
     T = process.T
     metrics = {
         "test_mse_forward": sums["forward"] / T,
-        "test_mse_forward_conditional": sums["forward_conditional"] / T,
-        "test_mse_inverse": sums["inverse"] / T,
         "test_mae": sums["mae"] / T,
-        "test_kl": (sums["vlb"] + common.prior_kl(process, x0).mean().item()) / dims,
         "forward_mse_by_t": {"t": stratum_centres, "mse": forward_by_stratum},
     }
-    metrics["test_mse"] = (metrics["test_mse_forward"] + metrics["test_mse_inverse"]) / 2
+    if band is not None:
+        metrics["test_mse_forward_band"] = sums["band"] / sums["band_count"] if sums["band_count"] else float("nan")
+    if not forward_only:
+        metrics.update({
+            "test_mse_forward_conditional": sums["forward_conditional"] / T,
+            "test_mse_inverse": sums["inverse"] / T,
+            "test_kl": (sums["vlb"] + common.prior_kl(process, x0).mean().item()) / dims,
+        })
+        metrics["test_mse"] = (metrics["test_mse_forward"] + metrics["test_mse_inverse"]) / 2
     return metrics
+
+
+def linear_reference(noise, args, data, device):
+    """The linear denoiser of one process, evaluated on the models' t grid and noise: overall MSE, per
+    stratum, in the mid-noise band, the band's t range and the closed-form expected curve."""
+    process = common.make_process(noise, args.T, args.schedule)
+    linear = LinearDenoiser(data["x"], process)
+    band = mid_noise_band(linear)
+    metrics = evaluate(linear, process, data, args, device, band=band, forward_only=True)
+    band_t = torch.nonzero(band).flatten()
+    expected = linear.expected_mse()
+    every = max(1, args.T // 200)  # the closed-form curve at <= ~200 points, for the plot
+    return {"mse": metrics["test_mse_forward"], "band_mse": metrics["test_mse_forward_band"],
+            "mse_by_t": metrics["forward_mse_by_t"],
+            "band_t": [int(band_t.min()), int(band_t.max())] if len(band_t) else None,
+            "expected_mse_by_t": {"t": list(range(0, args.T + 1, every)), "mse": expected[::every].tolist()},
+            "band": band}
 
 
 @torch.no_grad()
@@ -316,21 +411,51 @@ def sample_quality(classifier, samples, labels, reference_features):
     return common.frechet_distance(features, reference_features), accuracy
 
 
+def smooth(curve, window=5):
+    """Centred moving average (the window shrinks at the ends), for noise-dominated per-epoch curves."""
+    values = np.asarray(curve, dtype=np.float64)
+    half = window // 2
+    return np.array([values[max(0, i - half): i + half + 1].mean() for i in range(len(values))])
+
+
 def convergence(train_loss):
     """convergence_rate: r of the least-squares fit log(loss_e) = c - r * e over epochs (per epoch,
-    higher = faster). epochs_to_90pct: first epoch whose loss has made 90% of the total decrease."""
+    higher = faster); on the noisy KL curves it is near 0 and not comparable, so it is reported but
+    never ranked. epochs_to_90pct: the first epoch whose smoothed loss (5-epoch centred moving
+    average) has made 90% of the smoothed curve's total decrease."""
     losses = np.asarray(train_loss, dtype=np.float64)
     if len(losses) < 2 or (losses <= 0).any():
         return float("nan"), len(losses)
     rate = -np.polyfit(np.arange(len(losses)), np.log(losses), 1)[0]
-    threshold = losses[-1] + 0.1 * (losses[0] - losses[-1])
-    return float(rate), int(np.argmax(losses <= threshold)) + 1
+    smoothed = smooth(losses)
+    threshold = smoothed[-1] + 0.1 * (smoothed[0] - smoothed[-1])
+    return float(rate), int(np.argmax(smoothed <= threshold)) + 1
 
 
 # ----------------------------------------------------------------------------------------------
 # one configuration, one seed: train (resumable), evaluate, generate
 
-def run_config(name, seed, args, data, classifier, reference_features, device, stop, logger_args):
+def run_identity(args):
+    """The RUN_IDENTITY flags' values, as JSON would store them."""
+    return json.loads(json.dumps({key: getattr(args, key) for key in RUN_IDENTITY}))
+
+
+def identity_mismatch(stored, args, where):
+    """A UserError naming every flag whose value differs from the run in `where`, or None if all match."""
+    if not isinstance(stored, dict):
+        return common.UserError(f"--resume: {where} has no run identity (written by an older version); "
+                                f"use another --outdir")
+    current = run_identity(args)
+    changed = [key for key in RUN_IDENTITY if stored.get(key) != current[key]]
+    if not changed:
+        return None
+    flags = ", ".join(f"--{key.replace('_', '-')} {stored.get(key)} (now {current[key]})" for key in changed)
+    return common.UserError(f"--resume: {where} was run with {flags}; use those settings or another --outdir")
+
+
+def run_config(name, seed, args, data, classifier, reference_features, device, stop, logger_args, linear):
+    """Train one config with one seed (resumable), evaluate it against its process's linear denoiser
+    (`linear`, from linear_reference), generate; write and return its result."""
     loss_kind, noise = name.split("-")[:2]
     training = name.split("-", 2)[2]
     semi_implicit = training == "semi-implicit"
@@ -338,9 +463,13 @@ def run_config(name, seed, args, data, classifier, reference_features, device, s
     os.makedirs(run_dir, exist_ok=True)
     result_path, checkpoint_path = os.path.join(run_dir, "result.json"), os.path.join(run_dir, "checkpoint.pt")
     if args.resume and os.path.exists(result_path):
-        print(f"[{name} seed {seed}] done earlier, loading {result_path}")
         with open(result_path) as file:
-            return json.load(file)
+            result = json.load(file)
+        mismatch = identity_mismatch(result.get("identity"), args, result_path)
+        if mismatch:
+            raise mismatch
+        print(f"[{name} seed {seed}] done earlier with the same settings, loading {result_path}")
+        return result
 
     process = common.make_process(noise, args.T, args.schedule)
     torch.manual_seed(seed)
@@ -354,12 +483,19 @@ def run_config(name, seed, args, data, classifier, reference_features, device, s
                                                  * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
     generator = torch.Generator().manual_seed(seed)
     state = {"epoch": 0, "step_in_epoch": 0, "history": [], "running": {}, "runtime_s": 0.0}
+    resumed = False
     if args.resume and os.path.exists(checkpoint_path):
         checkpoint = common.load_checkpoint(checkpoint_path, script=SCRIPT, kinds={name})
+        mismatch = identity_mismatch(checkpoint.get("identity"), args, checkpoint_path)
+        if mismatch:
+            raise mismatch
         common.restore_training_state(checkpoint, checkpoint_path, model, ema, optimizer, generator)
         schedule.load_state_dict(checkpoint["lr_schedule"])
         state = checkpoint["progress"]
+        resumed = True
         print(f"[{name} seed {seed}] resuming at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
+    elif args.resume:
+        print(f"[{name} seed {seed}] --resume: nothing to resume in {run_dir} (no checkpoint); starting from scratch")
     train_model = torch.compile(model) if args.compile else model
     print(f"[{name} seed {seed}] denoiser with {common.count_parameters(model):,} parameters, "
           f"{args.epochs} epochs x {steps_per_epoch} steps on {device}")
@@ -367,12 +503,14 @@ def run_config(name, seed, args, data, classifier, reference_features, device, s
     def save(path=checkpoint_path):
         common.save_checkpoint(path, {
             **common.training_state(model, ema, optimizer, generator), "lr_schedule": schedule.state_dict(),
-            "progress": state, "config": vars(args),
+            "progress": state, "config": vars(args), "identity": run_identity(args),
             "meta": common.checkpoint_meta(SCRIPT, name, seed=seed, width=args.width, T=args.T)})
 
     logger = common.RunLogger(args.outdir, {**vars(args), "config_name": name, "seed": seed, **logger_args},
                               args.wandb, project=args.wandb_project, group=os.path.basename(os.path.abspath(args.outdir)),
                               name=f"{name}-seed{seed}")
+    if resumed:  # the steps after the checkpoint are logged again: drop their first records
+        logger.truncate_after(state["epoch"] * steps_per_epoch + state["step_in_epoch"], config=name, seed=seed)
     started = time.time() - state["runtime_s"]
     bar = common.tqdm_maybe(range(state["epoch"] * steps_per_epoch + state["step_in_epoch"], total_steps),
                             not args.no_progress, desc=f"{name} s{seed}", total=total_steps,
@@ -414,7 +552,7 @@ def run_config(name, seed, args, data, classifier, reference_features, device, s
     runtime = time.time() - started
 
     ema_model = ema.model.eval()
-    metrics = evaluate(ema_model, process, data, args, device)
+    metrics = evaluate(ema_model, process, data, args, device, band=linear["band"])
     samples, labels = generate(ema_model, process, args, device, seed=seed + 777)
     sample_fd, sample_accuracy = sample_quality(classifier, samples, labels, reference_features)
     train_loss = [epoch_means["loss"] for epoch_means in state["history"]]
@@ -422,6 +560,9 @@ def run_config(name, seed, args, data, classifier, reference_features, device, s
     result = {
         "name": name, "loss": loss_kind, "noise": noise, "training": training, "seed": seed,
         **{k: v for k, v in metrics.items() if k != "forward_mse_by_t"},
+        # the forward MSE as a multiple of the best linear denoiser's, overall and in the mid-noise band
+        "linear_ratio": metrics["test_mse_forward"] / linear["mse"],
+        "linear_ratio_band": metrics["test_mse_forward_band"] / linear["band_mse"],
         "runtime_s": runtime, "convergence_rate": convergence_rate, "epochs_to_90pct": epochs_to_90pct,
         "train_loss": train_loss,
         "train_components": {k: [e[k] for e in state["history"]] for k in state["history"][0] if k != "loss"} if state["history"] else {},
@@ -430,12 +571,14 @@ def run_config(name, seed, args, data, classifier, reference_features, device, s
         "samples": samples[:: args.samples_per_class // 4 or 1].cpu().tolist(),
         "sample_labels": labels[:: args.samples_per_class // 4 or 1].cpu().tolist(),
         "parameters": common.count_parameters(model),
+        "identity": run_identity(args),
     }
     logger.log({"config": name, "seed": seed, **{f"test/{k}": v for k, v in result.items()
                                                    if isinstance(v, float)}}, step=total_steps)
     logger.finish(result)
     common.write_json(result_path, result)
-    print(f"[{name} seed {seed}] test mse fwd {result['test_mse_forward']:.4f} inv {result['test_mse_inverse']:.4f} "
+    print(f"[{name} seed {seed}] test mse fwd {result['test_mse_forward']:.4f} ({result['linear_ratio']:.3f} x linear, "
+          f"{result['linear_ratio_band']:.3f} x in the mid-noise band) inv {result['test_mse_inverse']:.4f} "
           f"kl {result['test_kl']:.3f} | samples FD {sample_fd:.2f} acc {sample_accuracy:.3f} | {runtime:.0f}s")
     return result
 
@@ -443,25 +586,31 @@ def run_config(name, seed, args, data, classifier, reference_features, device, s
 # ----------------------------------------------------------------------------------------------
 # aggregation, report, plots
 
-SCALARS = ["test_mse", "test_mse_forward", "test_mse_forward_conditional", "test_mse_inverse", "test_mae", "test_kl",
-           "runtime_s", "convergence_rate", "epochs_to_90pct", "sample_fd", "sample_accuracy"]
+SCALARS = ["test_mse", "test_mse_forward", "test_mse_forward_conditional", "test_mse_forward_band", "linear_ratio",
+           "linear_ratio_band", "test_mse_inverse", "test_mae", "test_kl", "runtime_s", "convergence_rate",
+           "epochs_to_90pct", "sample_fd", "sample_accuracy"]
 
 
 def aggregate(per_seed):
-    """Mean over seeds for every scalar (std beside it), mean curves, and the per-seed results."""
+    """Mean over seeds for every scalar (std beside it), mean curves, and the per-seed results.
+
+    Curves of different lengths (seeds stopped at different epochs) are averaged over their common
+    first epochs; `curve_epochs` says how many."""
     first = per_seed[0]
     entry = {k: first[k] for k in ("name", "loss", "noise", "training")}
     for key in SCALARS:
-        values = np.array([r[key] for r in per_seed], dtype=np.float64)
+        values = np.array([r.get(key, float("nan")) for r in per_seed], dtype=np.float64)
         entry[key] = float(values.mean())
         entry.setdefault("std", {})[key] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    entry["train_loss"] = np.mean([r["train_loss"] for r in per_seed], axis=0).tolist()
-    entry["train_components"] = {k: np.mean([r["train_components"][k] for r in per_seed], axis=0).tolist()
+    common_prefix = lambda curves: np.mean([c[:min(len(c) for c in curves)] for c in curves], axis=0).tolist()
+    entry["train_loss"] = common_prefix([r["train_loss"] for r in per_seed])
+    entry["curve_epochs"] = len(entry["train_loss"])
+    entry["train_components"] = {k: common_prefix([r["train_components"][k] for r in per_seed])
                                  for k in first["train_components"]}
     entry["forward_mse_by_t"] = {"t": first["forward_mse_by_t"]["t"],
                                  "mse": np.mean([r["forward_mse_by_t"]["mse"] for r in per_seed], axis=0).tolist()}
     entry["seeds"] = [r["seed"] for r in per_seed]
-    entry["per_seed"] = [{k: r[k] for k in SCALARS} for r in per_seed]
+    entry["per_seed"] = [{k: r.get(k, float("nan")) for k in SCALARS} for r in per_seed]
     entry["samples"], entry["sample_labels"] = first["samples"], first["sample_labels"]
     return entry
 
@@ -476,9 +625,12 @@ def plot_all(results, outdir):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, loss_kind in zip(axes, LOSSES):
         for c in (c for c in configs if c["loss"] == loss_kind):
-            ax.plot(range(1, len(c["train_loss"]) + 1), c["train_loss"], label=c["name"])
-        ax.set(title=f"training loss ({loss_kind})", xlabel="epoch", yscale="log")
-        ax.legend(fontsize=7)
+            epochs = range(1, len(c["train_loss"]) + 1)
+            line, = ax.plot(epochs, smooth(c["train_loss"]), label=c["name"])  # the KL curves are noise-dominated
+            ax.plot(epochs, c["train_loss"], color=line.get_color(), alpha=0.25, lw=0.8)
+        ax.set(title=f"training loss ({loss_kind}; 5-epoch moving average, raw faint)", xlabel="epoch", yscale="log")
+        if ax.lines:
+            ax.legend(fontsize=7)
     written.append(_save(fig, outdir, "loss_curves.png"))
 
     semi = [c for c in configs if c["training"] == "semi-implicit"]
@@ -491,13 +643,25 @@ def plot_all(results, outdir):
             ax.legend(fontsize=7)
         written.append(_save(fig, outdir, "loss_components.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    linear = baselines["linear_denoiser"]
+    fig, (ax, ratio_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
     for c in configs:
-        ax.plot(c["forward_mse_by_t"]["t"], c["forward_mse_by_t"]["mse"], label=c["name"])
-    ax.axhline(baselines["predict_zero_mse"], color="k", ls="--", label="predict zero")
-    ax.axhline(baselines["class_mean_mse"], color="gray", ls=":", label="class mean")
+        line, = ax.plot(c["forward_mse_by_t"]["t"], c["forward_mse_by_t"]["mse"], label=c["name"], lw=1)
+        ratio = np.array(c["forward_mse_by_t"]["mse"]) / np.array(linear[c["noise"]]["mse_by_t"]["mse"])
+        ratio_ax.plot(c["forward_mse_by_t"]["t"], ratio, color=line.get_color(), label=c["name"], lw=1)
+    for noise, style in (("gaussian", "--"), ("convex", "-.")):
+        if noise in linear:
+            reference = linear[noise]["mse_by_t"]
+            ax.plot(reference["t"], reference["mse"], "k" + style, lw=1.5, label=f"best linear denoiser ({noise})")
+            if linear[noise]["band_t"]:
+                for a in (ax, ratio_ax):
+                    a.axvspan(*linear[noise]["band_t"], color="gray" if noise == "gaussian" else "tan", alpha=0.12)
+    ax.axhline(baselines["predict_zero_mse"], color="k", ls=":", lw=0.8, label="predict zero")
+    ax.axhline(baselines["class_mean_mse"], color="gray", ls=":", lw=0.8, label="class mean")
     ax.set(title="forward (denoising) test MSE by timestep", xlabel="t", ylabel="MSE")
     ax.legend(fontsize=6)
+    ratio_ax.axhline(1, color="k", ls="--", lw=1)
+    ratio_ax.set(title="forward MSE / best linear denoiser (shaded: mid-noise band)", xlabel="t", ylabel="ratio")
     written.append(_save(fig, outdir, "forward_mse_vs_t.png"))
 
     for c in configs:
@@ -535,41 +699,95 @@ def _save(fig, outdir, name):
     return name
 
 
+def linear_verdict(c):
+    """The verdict of a config against the best linear denoiser, over every seed it was run with."""
+    overall = [r["linear_ratio"] for r in c["per_seed"]]
+    band = [r["linear_ratio_band"] for r in c["per_seed"]]
+    every = " in every seed" if len(overall) > 1 else ""
+    if max(overall) < 1 and max(band) < 1:
+        return f"learned: beats the best linear denoiser overall and in the mid-noise band{every}"
+    if min(overall) >= 1 and min(band) >= 1:
+        return "NOT better than the best linear denoiser (a linear filter of the training moments does at least as well)"
+    return "not clearly better than the best linear denoiser (beats it only in part of the t range or of the seeds)"
+
+
+def exceeds_spread(first, second, key):
+    """Whether two configs' means differ by more than twice the standard error of the difference
+    (std over seeds / sqrt(seeds)); None with one seed (no spread to compare against)."""
+    if min(len(first["seeds"]), len(second["seeds"])) < 2:
+        return None
+    standard_error = math.sqrt(first["std"][key] ** 2 / len(first["seeds"]) + second["std"][key] ** 2 / len(second["seeds"]))
+    return abs(first[key] - second[key]) > 2 * standard_error
+
+
 def write_report(results, plots, outdir):
     configs, baselines, reference = results["configs"], results["baselines"], results["reference"]
-    better_baseline = min(baselines["predict_zero_mse"], baselines["class_mean_mse"])
-    seeds = len(configs[0]["seeds"])
-    pm = (lambda c, k, fmt: f"{c[k]:{fmt}} ± {c['std'][k]:{fmt}}") if seeds > 1 else (lambda c, k, fmt: f"{c[k]:{fmt}}")
+    linear = baselines["linear_denoiser"]
+    counts = sorted({len(c["seeds"]) for c in configs})
+    seeds = counts[-1]
+    seeds_text = f"{seeds} seed(s)" if len(counts) == 1 else f"{counts[0]}-{seeds} seeds per config (a merge of finished runs)"
+    pm = lambda c, k, fmt: f"{c[k]:{fmt}} ± {c['std'][k]:{fmt}}" if len(c["seeds"]) > 1 else f"{c[k]:{fmt}}"
     lines = [f"# MNIST1D: implicit vs semi-implicit diffusion training", "",
              f"Dataset {results['dataset']['name']} ({results['dataset']['train']} train / {results['dataset']['test']} test), "
-             f"{results['args']['epochs']} epochs per config, {seeds} seed(s), device {results['device']}. "
-             f"Test metrics on the {results['dataset']['test']} test signals with the EMA weights.", "",
-             "| config | test MSE | forward MSE | inverse MSE | MAE | KL (nats/dim) | sample FD | sample acc | conv. rate | runtime (s) |",
+             f"{results['args']['epochs']} epochs per config, {seeds_text}{' (mean ± std over seeds)' if seeds > 1 else ''}, "
+             f"device {results['device']}. Test metrics on the {results['dataset']['test']} test signals with the EMA weights.", "",
+             "Forward MSE is judged against the best linear denoiser (the Wiener filter of the training mean and "
+             "covariance, on the same t grid and noise): `/ linear` is the ratio overall, `/ linear (band)` in the "
+             f"mid-noise band (the t where the linear denoiser's expected MSE is between {BAND_MSE[0]} and {BAND_MSE[1]}).", "",
+             "| config | forward MSE | / linear | / linear (band) | inverse MSE | KL (nats/dim) | sample FD | sample acc | epochs to 90% | runtime (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in configs:
-        lines.append(f"| {c['name']} | {pm(c, 'test_mse', '.4f')} | {pm(c, 'test_mse_forward', '.4f')} | "
-                     f"{pm(c, 'test_mse_inverse', '.4f')} | {pm(c, 'test_mae', '.4f')} | {pm(c, 'test_kl', '.3f')} | "
-                     f"{pm(c, 'sample_fd', '.2f')} | {pm(c, 'sample_accuracy', '.3f')} | {pm(c, 'convergence_rate', '.3f')} | "
+        label = c["name"] if len(counts) == 1 else f"{c['name']} ({len(c['seeds'])} seeds)"
+        lines.append(f"| {label} | {pm(c, 'test_mse_forward', '.4f')} | {pm(c, 'linear_ratio', '.3f')} | "
+                     f"{pm(c, 'linear_ratio_band', '.3f')} | {pm(c, 'test_mse_inverse', '.4f')} | {pm(c, 'test_kl', '.3f')} | "
+                     f"{pm(c, 'sample_fd', '.2f')} | {pm(c, 'sample_accuracy', '.3f')} | {pm(c, 'epochs_to_90pct', '.0f')} | "
                      f"{pm(c, 'runtime_s', '.0f')} |")
-    lines += ["", "## References", "",
-              f"- Forward task, predict zero: MSE {baselines['predict_zero_mse']:.4f}; predict the class mean "
-              f"(uses the label): {baselines['class_mean_mse']:.4f}.",
+    lines += ["", "## References", ""]
+    for noise, ref in linear.items():
+        band = f"t {ref['band_t'][0]}..{ref['band_t'][1]}" if ref["band_t"] else "empty"
+        lines.append(f"- Best linear denoiser, {noise} process: forward MSE {ref['mse']:.4f} overall, "
+                     f"{ref['band_mse']:.4f} in the mid-noise band ({band}).")
+    lines += [f"- Forward task, predict zero: MSE {baselines['predict_zero_mse']:.4f}; predict the class mean "
+              f"(uses the label): {baselines['class_mean_mse']:.4f} (context: both ignore x_t).",
               f"- Inverse task, predict zero: MSE {baselines['inverse_predict_zero_mse']:.4f}; class mean: "
-              f"{baselines['inverse_class_mean_mse']:.4f}.",
+              f"{baselines['inverse_class_mean_mse']:.4f}. Implicit configs never train the inverse direction.",
               f"- Real vs real: classifier-feature FD of 1000 fresh real signals vs the test set {reference['real_fd']:.2f}; "
               f"classifier accuracy on the real test set {reference['real_accuracy']:.3f}.", "",
-              "## Verdicts", ""]
+              "## Verdicts (forward MSE against the best linear denoiser)", ""]
     for c in configs:
-        ratio = c["test_mse_forward"] / better_baseline
-        verdict = "learned (at most half the better trivial baseline)" if ratio <= 0.5 else \
-            ("beats the baselines, but by less than 2x" if ratio < 1 else "does NOT beat the trivial baselines")
-        lines.append(f"- {c['name']}: forward MSE = {ratio:.2f} x the better trivial baseline: {verdict}; "
-                     f"sample FD = {c['sample_fd'] / reference['real_fd']:.1f} x real-vs-real.")
-    lines += ["", "## Best config per metric", ""]
-    for key, better in [("test_mse", min), ("test_mse_forward", min), ("test_mse_inverse", min), ("test_kl", min),
-                        ("sample_fd", min), ("sample_accuracy", max), ("convergence_rate", max), ("runtime_s", min)]:
-        best = better(configs, key=lambda c: c[key])
-        lines.append(f"- {key}: {best['name']} ({best[key]:.4g})")
+        lines.append(f"- {c['name']}: {c['linear_ratio']:.3f} x linear overall, {c['linear_ratio_band']:.3f} x in the "
+                     f"mid-noise band: {linear_verdict(c)}; sample FD = {c['sample_fd'] / reference['real_fd']:.1f} x real-vs-real.")
+    lines += ["", "## Implicit vs semi-implicit (same loss and noise)", ""]
+    for loss_kind in LOSSES:
+        for noise in NOISES:
+            pair = [next((c for c in configs if c["name"] == f"{loss_kind}-{noise}-{t}"), None) for t in TRAININGS]
+            if None in pair:
+                continue
+            parts = []
+            for key, label in (("test_mse_forward", "forward MSE"), ("sample_fd", "sample FD"),
+                               ("sample_accuracy", "sample acc")):
+                spread = exceeds_spread(pair[0], pair[1], key)
+                note = "" if spread is None else (" (exceeds the seed spread)" if spread else " (within the seed spread)")
+                parts.append(f"{label} {pair[0][key]:.4g} -> {pair[1][key]:.4g}{note}")
+            lines.append(f"- {loss_kind}-{noise}: " + "; ".join(parts))
+    lines += ["", "## Best config per metric", "",
+              "Inverse MSE and test MSE (the mean of forward and inverse) are ranked among the semi-implicit configs "
+              "only: implicit configs never train the inverse. convergence_rate is in results.json but not ranked "
+              "(the KL training curves are noise-dominated)."
+              + (" 'Clear' = the lead over the runner-up exceeds twice the standard error of the difference over seeds."
+                 if seeds > 1 else " One seed: no spread to judge differences by; run --seeds 3."), ""]
+    semi = [c for c in configs if c["training"] == "semi-implicit"]
+    for key, better, pool in [("test_mse_forward", min, configs), ("linear_ratio_band", min, configs),
+                              ("test_mse_inverse", min, semi), ("test_mse", min, semi), ("test_kl", min, configs),
+                              ("sample_fd", min, configs), ("sample_accuracy", max, configs), ("runtime_s", min, configs)]:
+        if not pool:
+            continue
+        ranked = sorted(pool, key=lambda c: c[key], reverse=better is max)
+        note = ""
+        if len(ranked) > 1 and exceeds_spread(ranked[0], ranked[1], key) is not None:
+            note = (f"; clear of the runner-up {ranked[1]['name']}" if exceeds_spread(ranked[0], ranked[1], key)
+                    else f"; not clear of the runner-up {ranked[1]['name']} ({ranked[1][key]:.4g})")
+        lines.append(f"- {key}: {ranked[0]['name']} ({ranked[0][key]:.4g}{note})")
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     with open(os.path.join(outdir, "report.md"), "w") as file:
         file.write("\n".join(lines) + "\n")
@@ -602,7 +820,86 @@ def preflight(args):
     print(f"pre-flight passed in {time.time() - started:.1f}s")
 
 
+def references(args, device):
+    """Data, evaluation classifier and every reference a sweep is judged against (same for every config)."""
+    data = common.load_mnist1d(args.data_dir, args.dataset_seed)
+    fresh = common.load_mnist1d(args.data_dir, args.dataset_seed + 1)  # unseen real signals for the real-vs-real FD
+    dataset = {"name": "mnist1d", "train": len(data["x"]), "test": len(data["x_test"]), "classes": NUM_CLASSES,
+               "seed": args.dataset_seed}
+    classifier, classifier_accuracy = load_or_train_classifier(data, args.data_dir, args.dataset_seed, device)
+    with torch.no_grad():
+        reference_features = classifier.features(data["x_test"].to(device)).cpu().numpy()
+        real_fd = common.frechet_distance(classifier.features(fresh["x_test"].to(device)).cpu().numpy(), reference_features)
+    baselines = trivial_baselines(data)
+    linear = {noise: linear_reference(noise, args, data, device)
+              for noise in NOISES if any(name.split("-")[1] == noise for name in args.configs)}
+    baselines["linear_denoiser"] = {noise: {k: v for k, v in ref.items() if k != "band"} for noise, ref in linear.items()}
+    baselines["linear_denoiser_mse"] = {noise: ref["mse"] for noise, ref in linear.items()}
+    baselines["mid_noise_band"] = {"linear_mse_between": list(BAND_MSE),
+                                   **{noise: ref["band_t"] for noise, ref in linear.items()}}
+    print(f"baselines: best linear denoiser MSE " + ", ".join(f"{noise} {ref['mse']:.4f}" for noise, ref in linear.items())
+          + f"; predict-zero MSE {baselines['predict_zero_mse']:.4f}, class-mean MSE {baselines['class_mean_mse']:.4f}; "
+          f"real-vs-real FD {real_fd:.2f}, classifier test accuracy {classifier_accuracy:.3f}")
+    return {"data": data, "dataset": dataset, "classifier": classifier, "reference_features": reference_features,
+            "linear": linear, "baselines": baselines, "reference": {"real_fd": real_fd, "real_accuracy": classifier_accuracy}}
+
+
+def write_outputs(configs, refs, args, device, plots):
+    results = {"configs": configs, "baselines": refs["baselines"], "reference": refs["reference"],
+               "dataset": refs["dataset"], "device": str(device), "torch": torch.__version__, "args": vars(args)}
+    plots = plots + plot_all(results, args.outdir)
+    write_report(results, plots, args.outdir)
+    common.write_json(os.path.join(args.outdir, "results.json"), results)
+    print(f"wrote {os.path.join(args.outdir, 'results.json')} and report.md")
+    return results
+
+
+def report_main(argv):
+    """`report --outdir DIR`: merge whatever configs and seeds are finished in DIR (e.g. by a SLURM array, one
+    config per task, or a sweep still running) into results.json, report.md and the plots. Only results
+    whose run identity matches DIR's config.json are merged; the others are named and left out."""
+    p = common.ArgumentParser(prog="mnist1d_semi_implicit.py report", description=report_main.__doc__.split(":")[0])
+    p.add_argument("--outdir", required=True, help="the sweep's output directory (holds config.json and runs/)")
+    p.add_argument("--device", default="cpu", help="device for the references (cpu is enough)")
+    options = p.parse_args(argv)
+    config_path = os.path.join(options.outdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise common.UserError(f"{options.outdir} holds no sweep (no config.json)")
+    with open(config_path) as file:
+        saved = json.load(file)
+    args = parse_args(["--outdir", options.outdir, "--configs", *ALL_CONFIGS])
+    for key in RUN_IDENTITY + ("data_dir", "seed", "seeds"):
+        if key in saved:
+            setattr(args, key, saved[key])
+    device = common.pick_device(options.device)
+    identity = run_identity(args)
+    configs = []
+    for name in ALL_CONFIGS:
+        per_seed = []
+        for seed in range(1000):
+            path = os.path.join(options.outdir, "runs", f"{name}-seed{seed}", "result.json")
+            if not os.path.exists(path):
+                continue
+            with open(path) as file:
+                result = json.load(file)
+            if result.get("identity") != identity:
+                print(f"left out {path}: run with other settings than {config_path}")
+                continue
+            per_seed.append(result)
+        if per_seed:
+            configs.append(aggregate(per_seed))
+            print(f"{name}: seeds {[r['seed'] for r in per_seed]}")
+    if not configs:
+        raise common.UserError(f"no finished config in {options.outdir}/runs with the settings of {config_path}")
+    refs = references(args, device)
+    plots = ["prime_inverse.png"] if os.path.exists(os.path.join(options.outdir, "prime_inverse.png")) else []
+    return write_outputs(configs, refs, args, device, plots)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "report":
+        return report_main(argv[1:])
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -613,36 +910,19 @@ def main(argv=None):
     if not args.resume and os.path.isdir(os.path.join(args.outdir, "runs")) and os.listdir(os.path.join(args.outdir, "runs")):
         raise common.UserError(f"{args.outdir} already holds a run; pass --resume to continue it, or choose another --outdir")
 
-    data = common.load_mnist1d(args.data_dir, args.dataset_seed)
-    fresh = common.load_mnist1d(args.data_dir, args.dataset_seed + 1)  # unseen real signals for the real-vs-real FD
-    dataset = {"name": "mnist1d", "train": len(data["x"]), "test": len(data["x_test"]), "classes": NUM_CLASSES,
-               "seed": args.dataset_seed}
-    common.write_json(os.path.join(args.outdir, "config.json"), {**vars(args), "dataset": dataset, "device": str(device)})
-    classifier, classifier_accuracy = load_or_train_classifier(data, args.data_dir, args.dataset_seed, device)
-    with torch.no_grad():
-        reference_features = classifier.features(data["x_test"].to(device)).cpu().numpy()
-        real_fd = common.frechet_distance(classifier.features(fresh["x_test"].to(device)).cpu().numpy(), reference_features)
-    baselines = trivial_baselines(data)
-    print(f"baselines: predict-zero MSE {baselines['predict_zero_mse']:.4f}, class-mean MSE {baselines['class_mean_mse']:.4f}; "
-          f"real-vs-real FD {real_fd:.2f}, classifier test accuracy {classifier_accuracy:.3f}")
-    plots = [plot_prime_inverses(data, args.outdir)]
+    refs = references(args, device)
+    common.write_json(os.path.join(args.outdir, "config.json"), {**vars(args), "dataset": refs["dataset"], "device": str(device)})
+    plots = [plot_prime_inverses(refs["data"], args.outdir)]
 
     stop = common.StopSignal()
     configs = []
     for name in args.configs:
-        per_seed = [run_config(name, seed, args, data, classifier, reference_features, device, stop, {"dataset": dataset})
+        per_seed = [run_config(name, seed, args, refs["data"], refs["classifier"], refs["reference_features"], device,
+                               stop, {"dataset": refs["dataset"]}, refs["linear"][name.split("-")[1]])
                     for seed in range(args.seed, args.seed + args.seeds)]
         configs.append(aggregate(per_seed))
     stop.close()
-
-    results = {"configs": configs, "baselines": baselines,
-               "reference": {"real_fd": real_fd, "real_accuracy": classifier_accuracy},
-               "dataset": dataset, "device": str(device), "torch": torch.__version__, "args": vars(args)}
-    plots += plot_all(results, args.outdir)
-    write_report(results, plots, args.outdir)
-    common.write_json(os.path.join(args.outdir, "results.json"), results)
-    print(f"wrote {os.path.join(args.outdir, 'results.json')} and report.md")
-    return results
+    return write_outputs(configs, refs, args, device, plots)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ COSINE_S = 0.008  # Nichol & Dhariwal's offset
 
 def np_alpha_bar(T, schedule):
     """alpha_bar_t for t = 0..T (alpha_bar_0 = 1) in NumPy float64, written from the papers."""
-    if schedule == "linear":  # Ho et al. 2020: beta_t linear in 1e-4..2e-2
-        betas = np.linspace(1e-4, 2e-2, T)
+    if schedule == "linear":  # Ho et al. 2020: beta_t linear in 1e-4..2e-2 at T = 1000, scaled by 1000 / T
+        betas = np.minimum(np.linspace(1e-4, 2e-2, T) * 1000 / T, 0.999)  # (Nichol & Dhariwal 2021)
     else:  # Nichol & Dhariwal 2021, Eq. 17, with betas clipped at 0.999 (diffusers squaredcos_cap_v2)
         f = lambda u: np.cos((u + COSINE_S) / (1 + COSINE_S) * np.pi / 2) ** 2
         u = np.arange(T + 1) / T
@@ -95,8 +95,39 @@ def test_linear_beta_schedule_endpoints_length_and_spacing():
     assert betas[0].item() == pytest.approx(1e-4, rel=1e-12)
     assert betas[-1].item() == pytest.approx(2e-2, rel=1e-12)
     np.testing.assert_allclose(np.diff(betas.numpy()), (2e-2 - 1e-4) / 999, rtol=1e-9)
-    custom = linear_beta_schedule(7, 0.1, 0.4)
-    np.testing.assert_allclose(custom.numpy(), [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4], rtol=1e-12)
+    # the betas are given for T = 1000 and scaled by 1000 / T (Nichol & Dhariwal 2021)
+    custom = linear_beta_schedule(7000, 0.1, 0.4)
+    np.testing.assert_allclose(custom.numpy()[[0, -1]], [0.1 / 7, 0.4 / 7], rtol=1e-12)
+    np.testing.assert_allclose(linear_beta_schedule(100).numpy()[[0, -1]], [1e-3, 0.2], rtol=1e-12)
+    assert linear_beta_schedule(10).max().item() == 0.999  # 0.2 * 100 clipped
+
+
+@pytest.mark.parametrize("T", [50, 100, 200, 1000, 4000])
+def test_linear_schedule_reaches_the_prior_for_any_T(T):
+    """With the betas scaled by 1000 / T, alpha_bar_T = prod(1 - beta) is about e^{-10} whatever T;
+    unscaled, T = 100 ended at a_T = 0.60 (sum of betas 1.0), far from N(0, I)."""
+    a_T = gaussian_process(T, "linear").a[-1].item()
+    assert a_T < 0.01
+    assert a_T**2 == pytest.approx(np.prod(1 - np.linspace(1e-4, 2e-2, T) * 1000 / T), rel=1e-9)
+
+
+def test_process_far_from_the_prior_is_refused_in_one_line():
+    # betas of 1e-4..1e-3 over 1000 steps: alpha_bar_T = e^{-0.55}, a_T = 0.76
+    with pytest.raises(UserError) as error:
+        gaussian_process(1000, "linear", 1e-4, 1e-3)
+    message = str(error.value)
+    assert "\n" not in message and "prior" in message and "a_T = 0.7" in message
+    # the KL used is the closed form for unit-variance data: 0.5 (a^2 + b^2 - 1 - log b^2)
+    process = gaussian_process(1000, "cosine")
+    a_T, b_T = process.a[-1].item(), process.b[-1].item()
+    assert common.prior_kl_per_dim(process) == pytest.approx(-0.5 * math.log(b_T**2), rel=1e-9)
+    assert common.prior_kl_per_dim(convex_process(10)) == 0.0
+    # it equals prior_kl / dims on data with E[x0^2] = 1 exactly
+    x0 = torch.ones(3, 5, dtype=torch.float64)
+    assert common.prior_kl_per_dim(process) == pytest.approx(prior_kl(process, x0)[0].item() / 5, rel=1e-9)
+    for T in (50, 100, 1000):  # every default process passes
+        for name in ("cosine", "linear"):
+            assert common.check_prior(gaussian_process(T, name)) is not None
 
 
 @pytest.mark.parametrize("T", [10, 1000])
@@ -313,9 +344,14 @@ def test_vlb_terms_carry_gradient(name):
 # 5. prior_kl
 
 @pytest.mark.parametrize("name,T", [("gaussian-cosine", 1000), ("gaussian-linear", 1000),
-                                    ("gaussian-linear", 10), ("convex", 1000)])
+                                    ("unscaled-linear", 10), ("convex", 1000)])
 def test_prior_kl_closed_form(name, T):
-    process, (a, b) = build_process(name, T), np_process(name, T)
+    if name == "unscaled-linear":  # far from the prior (alpha_bar_T ~ 0.9): built by hand, gaussian_process refuses it
+        alpha_bar = np.concatenate([[1.0], np.cumprod(1 - np.linspace(1e-4, 2e-2, T))])
+        a, b = np.sqrt(alpha_bar), np.sqrt(1 - alpha_bar)
+        process = common.Process(torch.tensor(a), torch.tensor(b))
+    else:
+        process, (a, b) = build_process(name, T), np_process(name, T)
     x0 = 3 * torch.randn(6, 2, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     kl = prior_kl(process, x0)
     assert kl.shape == (6,)
@@ -326,6 +362,8 @@ def test_prior_kl_closed_form(name, T):
         assert kl.abs().max() < 1e-12  # x_T is pure noise
     if T == 10:
         assert kl.min() > 0.1  # a non-trivial case (alpha_bar_T ~ 0.9)
+        with pytest.raises(UserError, match="prior"):
+            common.check_prior(process)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,13 +385,12 @@ def toy_denoiser(process, calls=None):
     return denoise
 
 
-def exact_output_law(name, sampler, steps, eta):
+def exact_output_law(name, sampler, steps, eta, T=1000):
     """Mean and variance of the sampler's output when x_T ~ N(0, b_T^2) and the denoiser is the exact
     (linear) E[x0|x_t]: every update is affine in x plus independent Gaussian noise, so the law is
     propagated exactly in float64 from the papers' update rules (Ho Alg. 2 / Song Eq. 12 / Lu Alg. 2).
     Its distance to (TOY_M, TOY_V) is the sampler's discretisation error, free of sampling noise."""
-    a, b = np_process(name)
-    T = len(a) - 1
+    a, b = np_process(name, T)
     times = np.round(np.linspace(T, 0, steps + 1)).astype(int)
     gains = {t: a[t] * TOY_V / (a[t] ** 2 * TOY_V + b[t] ** 2) for t in times}
     if sampler in ("ddpm", "ddim"):  # x_s = c D(x_t) + c_x x_t + sigma z, D(x) = k x + d
@@ -425,11 +462,39 @@ def test_sampler_recovers_toy_gaussian(name, label, sampler, steps, options, all
     assert abs(var - TOY_V) < 5 * se_var + allowance
 
 
+# every sampler on the linear schedule at several T (steps None = T): with the betas scaled by 1000 / T
+# the output law's distance to the target (measured with exact_output_law: mean <= 0.0046, variance
+# deficit <= 0.031, except DDPM with 50 steps at T = 50, 0.053: few large ancestral steps under-disperse)
+# is within the allowance; unscaled, T = 100 started at a_T = 0.60 and the mean was off by ~0.5.
+ANY_T_CASES = [("ddpm", sample_ddpm, None, {}), ("ddim-eta0", sample_ddim, 50, {"eta": 0.0}),
+               ("ddim-eta0.5", sample_ddim, None, {"eta": 0.5}), ("dpmpp2m", sample_dpmpp_2m, 20, {})]
+
+
+@pytest.mark.parametrize("T", [50, 100, 200, 1000])
+@pytest.mark.parametrize("label,sampler,steps,options", ANY_T_CASES, ids=[c[0] for c in ANY_T_CASES])
+def test_every_sampler_recovers_toy_gaussian_on_the_linear_schedule_at_any_T(T, label, sampler, steps, options):
+    process = gaussian_process(T, "linear")
+    steps = min(steps or T, T)
+    shape = (1000, 20)
+    n = shape[0] * shape[1]
+    gen = torch.Generator().manual_seed(T)
+    x = process.b[-1].item() * torch.randn(shape, generator=gen)
+    out = sampler(toy_denoiser(process), x, process, steps, generator=gen, **options)
+    mean, var = out.double().mean().item(), out.double().var().item()
+    law_mean, law_var = exact_output_law("gaussian-linear", label.split("-")[0], steps, options.get("eta", 0.0), T)
+    var_allowance = 0.06 if T == 50 else 0.035
+    assert abs(law_mean - TOY_M) < 0.006 and abs(law_var - TOY_V) < var_allowance, (law_mean, law_var)
+    # the samples follow that law (5 standard errors), hence recover the target within the allowance
+    se_mean, se_var = math.sqrt(law_var / n), law_var * math.sqrt(2 / (n - 1))
+    assert abs(mean - law_mean) < 5 * se_mean and abs(var - law_var) < 5 * se_var, (mean, var, law_mean, law_var)
+    assert abs(mean - TOY_M) < 5 * se_mean + 0.006 and abs(var - TOY_V) < 5 * se_var + var_allowance
+
+
 @pytest.mark.parametrize("name", ["gaussian-cosine", "convex"])
 @pytest.mark.parametrize("steps", [1000, 37])
 def test_ddim_eta1_is_ddpm(name, steps):
     """DDIM with eta = 1 is DDPM step for step; with the same generator both draw the same noise
-    (DDPM draws one extra, unused draw on the final step), so the samples agree path by path."""
+    (neither draws on the final step to t = 0), so the samples agree path by path."""
     process = build_process(name)
     x = process.b[-1].item() * torch.randn(500, 4, generator=torch.Generator().manual_seed(7))
     ddpm = sample_ddpm(toy_denoiser(process), x, process, steps, generator=torch.Generator().manual_seed(8))
@@ -448,6 +513,42 @@ def test_ddim_eta0_and_dpmpp_are_deterministic():
         one = sampler(toy_denoiser(process), x, process, 10, generator=torch.Generator().manual_seed(1))
         two = sampler(toy_denoiser(process), x, process, 10, generator=torch.Generator().manual_seed(2))
         assert torch.equal(one, two)
+
+
+# every generator/tensor device pair: a generator draws only on its own device (CUDA raises "Expected a
+# 'cuda' device type for generator" otherwise). CI has no GPU, so a strict torch.randn stands in for that
+# check, and the tensors live on the 'meta' device (shapes only): the noise must be drawn on the
+# generator's device and moved to the tensors'.
+DEVICE_CASES = [("ddpm", sample_ddpm, {}), ("ddim-eta1", sample_ddim, {"eta": 1.0}), ("ddim-eta0", sample_ddim, {}),
+                ("dpmpp2m", sample_dpmpp_2m, {})]
+
+
+@pytest.mark.parametrize("label,sampler,options", DEVICE_CASES, ids=[c[0] for c in DEVICE_CASES])
+@pytest.mark.parametrize("tensor_device", ["cpu", "meta"])
+@pytest.mark.parametrize("with_generator", [True, False])
+def test_samplers_work_with_any_generator_and_tensor_device(monkeypatch, label, sampler, options, tensor_device,
+                                                            with_generator):
+    real_randn, draws = torch.randn, []
+
+    def strict_randn(*args, generator=None, device=None, **kwargs):
+        device = torch.device(device or "cpu")
+        if generator is not None and generator.device.type != device.type:
+            raise RuntimeError(f"Expected a '{device.type}' device type for generator but found '{generator.device.type}'")
+        draws.append(device.type)
+        return real_randn(*args, generator=generator, device=device, **kwargs)
+    monkeypatch.setattr(torch, "randn", strict_randn)
+    process = gaussian_process(50)
+    generator = torch.Generator().manual_seed(0) if with_generator else None
+    x = torch.ones(4, 3, device=tensor_device)
+    out = sampler(lambda x, t: 0.5 * x, x, process, 10, generator=generator, **options)
+    assert out.device.type == tensor_device and out.shape == (4, 3)
+    stochastic = label in ("ddpm", "ddim-eta1")
+    assert len(draws) == (9 if stochastic else 0)  # one draw per step, none on the final step to t = 0
+    if with_generator:
+        assert set(draws) <= {"cpu"}
+    if tensor_device == "cpu" and with_generator:  # the same generator seed gives the same samples
+        again = sampler(lambda x, t: 0.5 * x, x, process, 10, generator=torch.Generator().manual_seed(0), **options)
+        assert torch.equal(out, again)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,16 +620,38 @@ def test_cfg_denoiser_guidance_formula(w):
         torch.testing.assert_close(out, u, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("sampler", [sample_ddpm, sample_ddim, sample_dpmpp_2m])
-def test_cfg_denoiser_works_with_every_sampler(sampler):
-    process = gaussian_process(50)
-    cond, null, w = torch.full((5, 2), 2.0), torch.full((5, 2), 0.5), 3.0
+CFG_CASES = [("ddpm-200", sample_ddpm, 200, {}), ("ddim-eta0-50", sample_ddim, 50, {}),
+             ("ddim-eta1-200", sample_ddim, 200, {"eta": 1.0}), ("dpmpp2m-20", sample_dpmpp_2m, 20, {})]
 
-    def model_fn(x, t, c):  # predicts the condition itself
-        return c.expand_as(x).clone()
-    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(14))
-    out = sampler(cfg_denoiser(model_fn, cond, null, w), x, process, 10, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(out, torch.full((5, 2), 0.5 + w * (2.0 - 0.5)), rtol=0, atol=1e-6)
+
+@pytest.mark.parametrize("label,sampler,steps,options", CFG_CASES, ids=[c[0] for c in CFG_CASES])
+@pytest.mark.parametrize("w", [1.0, 3.0])
+def test_cfg_denoiser_guides_every_sampler_to_the_guided_gaussian(label, sampler, steps, options, w):
+    """A toy conditional model: x0 | cond ~ N(cond, V) and x0 | null ~ N(null, V), each with its exact
+    posterior mean, which is affine in the mean m: E[x0|x_t] = m (1 - g a_t) + g x_t, g = a_t V / (a_t^2 V + b_t^2).
+    So the guided denoiser uncond + w (cond - uncond) is exactly the posterior mean of N(null + w (cond - null), V),
+    and every sampler must return samples of that mean and (within its discretisation allowance) variance.
+    Swapping cond and null, or using the wrong formula, moves the mean by (w - 1) or more."""
+    process = gaussian_process(1000)
+    a, b = process.a, process.b
+    cond_mean, null_mean = 1.0, -0.5
+    shape = (1000, 10)
+    cond, null = torch.full(shape, cond_mean), torch.full(shape, null_mean)
+    passes = []
+
+    def model_fn(x, t, c):  # the exact posterior mean for x0 ~ N(c, TOY_V), c broadcast per element
+        passes.append(x.shape[0])
+        a_t, b_t = a[t].view(-1, 1), b[t].view(-1, 1)
+        gain = a_t * TOY_V / (a_t**2 * TOY_V + b_t**2)
+        return (c.double() * (1 - gain * a_t) + gain * x.double()).float()
+    gen = torch.Generator().manual_seed(15)
+    x = b[-1].item() * torch.randn(shape, generator=gen)
+    out = sampler(cfg_denoiser(model_fn, cond, null, w), x, process, steps, generator=gen, **options).double()
+    assert set(passes) == {shape[0] if w == 1.0 else 2 * shape[0]} and len(passes) == steps
+    target_mean = null_mean + w * (cond_mean - null_mean)
+    n = out.numel()
+    assert abs(out.mean().item() - target_mean) < 5 * math.sqrt(TOY_V / n) + 2e-3
+    assert abs(out.var().item() - TOY_V) < 5 * TOY_V * math.sqrt(2 / n) + 0.02
 
 
 # ----------------------------------------------------------------------------------------------
@@ -813,6 +936,27 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path):
     assert_same(load_checkpoint(str(path))["model"], good_state()["model"])
 
 
+def test_save_checkpoint_removes_stale_temporaries_of_killed_writers(tmp_path):
+    """A kill during torch.save leaves .tmp-*.pt (often 0 bytes). The next save in that directory removes
+    those of dead processes on this host and any older than STALE_TEMPORARY_S; a live writer's stays."""
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # that process has exited
+    host = common._host()
+    killed = tmp_path / f".tmp-{host}-{dead_pid}-abc123.pt"
+    live = tmp_path / f".tmp-{host}-{os.getpid()}-def456.pt"
+    old_style = tmp_path / ".tmp-k3j4h5.pt"  # the naming before host and pid were recorded
+    other_host_recent = tmp_path / f".tmp-otherhost-{dead_pid}-ghi789.pt"
+    for path in (killed, live, old_style, other_host_recent):
+        path.write_bytes(b"")
+    hour_ago = os.path.getmtime(old_style) - common.STALE_TEMPORARY_S - 10
+    os.utime(old_style, (hour_ago, hour_ago))
+    save_checkpoint(str(tmp_path / "ckpt.pt"), good_state())
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt.pt", live.name, other_host_recent.name])
+    assert_same(load_checkpoint(str(tmp_path / "ckpt.pt"))["model"], good_state()["model"])
+
+
 def draw_all():
     return random.random(), np.random.rand(), np.random.randn(3).tolist(), torch.rand(4)
 
@@ -989,7 +1133,57 @@ def test_run_logger_off_writes_jsonl_and_write_json(tmp_path):
     assert [(r["step"], r["loss"]) for r in records] == [(1, 0.5), (2, 0.25)] and records[1]["fid"] == 2.0
     common.write_json(str(tmp_path / "results.json"), {"a": np.float32(1.5)})
     assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1.5}
-    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "results.json"]
+    assert sorted(name for name in os.listdir(tmp_path) if not name.startswith(".")) == ["metrics.jsonl", "results.json"]
+
+
+def test_run_logger_truncate_after_drops_the_steps_a_resume_logs_again(tmp_path):
+    import json
+    logger = common.RunLogger(str(tmp_path), {}, mode="off")
+    for step in (1, 2, 3):
+        logger.log({"config": "a", "seed": 0, "loss": step}, step=step)
+        logger.log({"config": "b", "seed": 0, "loss": step}, step=step)
+    with open(tmp_path / "metrics.jsonl", "a") as file:
+        file.write('{"config": "a", "seed": 0, "st')  # a line cut short by a kill
+    assert logger.truncate_after(1, config="a", seed=0) == 3  # steps 2, 3 of config a and the broken line
+    logger.log({"config": "a", "seed": 0, "loss": 2}, step=2)  # the resumed run logs step 2 again
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps_a = [r["step"] for r in records if r["config"] == "a"]
+    steps_b = [r["step"] for r in records if r["config"] == "b"]
+    assert steps_a == [1, 2] and steps_b == [1, 2, 3]  # no step twice; other configs untouched
+    assert common.RunLogger(str(tmp_path / "new"), {}).truncate_after(0) == 0  # no file yet
+
+
+def write_idx(path, type_byte=0x08, dims=(2, 3), payload=None, magic=(0, 0)):
+    header = bytes([*magic, type_byte, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+    payload = bytes(range(int(np.prod(dims)))) if payload is None else payload
+    path.write_bytes(header + payload)
+    return str(path)
+
+
+def test_read_idx_reads_a_valid_file(tmp_path):
+    array = common.read_idx(write_idx(tmp_path / "ok", dims=(2, 3)))
+    assert array.dtype == np.uint8 and array.shape == (2, 3) and array.tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+@pytest.mark.parametrize("case,kwargs,expected", [
+    ("wrong type byte", {"type_byte": 0x0D}, "type byte 0x0d (float32), expected 0x08"),
+    ("gzip file", {"magic": (0x1F, 0x8B)}, "not an IDX file"),
+    ("wrong magic", {"magic": (0, 7)}, "not an IDX file"),
+    ("truncated data", {"payload": bytes(5)}, "needs"),
+    ("extra data", {"payload": bytes(9)}, "needs"),
+    ("zero dimensions", {"dims": ()}, "dimensions"),
+])
+def test_read_idx_says_what_is_wrong_in_one_line(tmp_path, case, kwargs, expected):
+    with pytest.raises(ValueError) as error:
+        common.read_idx(write_idx(tmp_path / "bad", **kwargs))
+    assert expected in str(error.value) and "\n" not in str(error.value) and "bad" in str(error.value)
+
+
+def test_load_mnist_reports_a_bad_idx_file_as_one_user_error(tmp_path):
+    for name in common.MNIST_FILES:
+        write_idx(tmp_path / name, type_byte=0x0C)
+    with pytest.raises(UserError, match="type byte 0x0c"):
+        common.load_mnist("mnist", str(tmp_path))
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 on this platform")
