@@ -288,6 +288,8 @@ def main(argv=None):
         print(f"resumed from {checkpoint_path} at epoch {epoch}, step {step}")
     common.write_json(os.path.join(args.outdir, "config.json"), config)
     logger = common.RunLogger(args.outdir, config, args.wandb, name=os.path.basename(os.path.normpath(args.outdir)))
+    if step:
+        logger.truncate_after(step)  # resumed: the steps after the checkpoint are logged again by this run
 
     def save(test_mse=None, finished=False):
         common.save_checkpoint(checkpoint_path, {

@@ -399,6 +399,8 @@ def main(argv=None):
     print(f"run directory: {run_dir}")
     common.write_json(os.path.join(run_dir, "config.json"), config)
     logger = common.RunLogger(os.path.join(run_dir, "logs"), config, args.wandb, name=os.path.basename(run_dir))
+    if resumable:
+        logger.truncate_after(step)  # the steps after the checkpoint are logged again by this run
 
     # fixed validation noise: the EMA model's eps-MSE on the validation latents is comparable across epochs
     validation_generator = torch.Generator().manual_seed(args.seed + 1)

@@ -694,6 +694,8 @@ def train(args, rank, world_size, device):
         common.write_json(os.path.join(args.outdir, "config.json"), config)
     logger = common.RunLogger(args.outdir, config, args.wandb, name=os.path.basename(os.path.abspath(args.outdir))) \
         if is_main else None
+    if logger is not None and existing:
+        logger.truncate_after(progress["step"])  # the steps after the checkpoint are logged again by this run
 
     def learning_rate(step):
         """Linear warm-up, then cosine decay to 0 at total_steps (Loshchilov & Hutter 2017)."""

@@ -714,6 +714,8 @@ def main(argv=None):
     print(f"run directory: {run_dir}")
     common.write_json(os.path.join(run_dir, "config.json"), config)
     logger = common.RunLogger(run_dir, config, args.wandb, name=os.path.basename(run_dir))
+    if args.resume:
+        logger.truncate_after(step)  # the steps after the checkpoint are logged again by this run
     if not args.resume:
         picture_generator = torch.Generator().manual_seed(args.seed + 2)
         save_noise_pictures(run_dir, noise, picture_generator)

@@ -423,6 +423,9 @@ def test_resume_after_kill_9_reproduces_uninterrupted_run(ae_checkpoints, straig
     assert resumed["best_val_eps_mse"] == straight["best_val_eps_mse"] and resumed["steps"] == straight["steps"]
     for name in ("last.pt", "best.pt"):
         assert same_weights(reference / "checkpoints" / name, tmp_path / "killed" / "checkpoints" / name)
+    # the steps the killed run logged after its checkpoint are dropped, not logged twice
+    logged_steps = lambda run: [json.loads(line).get("step") for line in open(run / "logs" / "metrics.jsonl")]
+    assert logged_steps(tmp_path / "killed") == logged_steps(reference)
 
 
 class Killed(BaseException):
