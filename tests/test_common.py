@@ -20,6 +20,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 import common
@@ -683,11 +684,32 @@ def test_film_identity_at_init_and_modulation():
     torch.testing.assert_close(film(x, cond), (1 + gamma) * normed + beta, rtol=1e-5, atol=1e-5)
 
 
-def test_resblock_shapes():
+def test_resblock_computes_its_documented_formula_in_1d_and_2d():
+    """out = conv2(SiLU(FiLM(conv1(SiLU(GroupNorm(x))), emb))) + skip(x), written out with functional ops; the
+    2-D block with the 1-D kernels in its middle row is the 1-D block on a one-row image (one block, two dims)."""
+    torch.manual_seed(3)
     block = ResBlock1d(8, 16, emb_dim=12)
-    assert block(torch.randn(2, 8, 20), torch.randn(2, 12)).shape == (2, 16, 20)
-    same = ResBlock1d(16, 16, emb_dim=12)
-    assert isinstance(same.skip, nn.Identity) and same(torch.randn(2, 16, 20), torch.randn(2, 12)).shape == (2, 16, 20)
+    nn.init.normal_(block.film.proj.weight)  # FiLM starts at zero; make the embedding matter
+    x, emb = torch.randn(2, 8, 20), torch.randn(2, 12)
+    h = F.conv1d(F.silu(F.group_norm(x, 8, block.norm1.weight, block.norm1.bias)), block.conv1.weight, block.conv1.bias, padding=1)
+    gamma, beta = (emb @ block.film.proj.weight.T + block.film.proj.bias)[:, :, None].chunk(2, dim=1)
+    h = F.silu((1 + gamma) * F.group_norm(h, 8, block.film.norm.weight, block.film.norm.bias) + beta)
+    expected = F.conv1d(h, block.conv2.weight, block.conv2.bias, padding=1) + F.conv1d(x, block.skip.weight, block.skip.bias)
+    torch.testing.assert_close(block(x, emb), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(block(x, emb), block(x, torch.randn(2, 12)))  # the embedding conditions the output
+    assert isinstance(ResBlock1d(16, 16, emb_dim=12).skip, nn.Identity)  # same width: identity skip
+
+    block2d = common.ResBlock(8, 16, emb_dim=12, dims=2)
+    with torch.no_grad():
+        for name, module in block.named_modules():
+            target = block2d.get_submodule(name) if name else block2d
+            if isinstance(module, nn.Conv1d):
+                target.weight.zero_()
+                target.weight[:, :, target.weight.shape[2] // 2] = module.weight  # middle row of the 2-D kernel
+                target.bias.copy_(module.bias)
+            elif isinstance(module, (nn.GroupNorm, nn.Linear)):
+                target.load_state_dict(module.state_dict())
+    torch.testing.assert_close(block2d(x[:, :, None, :], emb)[:, :, 0], block(x, emb), rtol=1e-5, atol=1e-5)
 
 
 def test_unet1d_shape_and_conditioning():
