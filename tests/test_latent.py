@@ -17,16 +17,9 @@ from PIL import Image
 
 import autoencoders
 import common
+import helpers
+from helpers import one_thread, run_cli  # noqa: F401 (one_thread: an autouse fixture)
 import latent_diffusion
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second thread buys nothing, and on a busy 2-core machine it makes runs many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,15 +31,6 @@ def mnist5k_parsed_once():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(common, "_load_mnist5k", lambda: arrays)
         yield original
-
-
-def run_cli(main, argv):
-    """Run a script's main() the way `python script.py ...` does; returns the exit status."""
-    try:
-        common.run_main(lambda: main(argv))
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
 
 
 @pytest.fixture(scope="module")
@@ -78,28 +62,13 @@ def latent_args(ae_path, outdir, *extra):
             "--eval-samples", "0", "--cache-dir", "", "--no-progress", "--hidden-dim", "32", "--num-blocks", "2", *extra]
 
 
-class StopAfter:
-    """Stand-in for common.StopSignal that 'receives' SIGTERM after a number of polls (mid-epoch)."""
+class StopAfter(helpers.StopAfter):
     polls_left = 10
-
-    def __init__(self):
-        self.polls = 0
-
-    @property
-    def received(self):
-        self.polls += 1
-        return "SIGTERM" if self.polls > self.polls_left else None
-
-    def close(self):
-        pass
 
 
 class StopAfterNow(StopAfter):
     """'SIGTERM' at the first poll: a run that stops after its first training step."""
     polls_left = 0
-
-    def __init__(self):
-        self.polls = 0
 
 
 # ----------------------------------------------------------------------------------------------

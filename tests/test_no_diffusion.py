@@ -1,5 +1,6 @@
 """Tests of no_diffusion.py: noise covariance, spectral convolution, circular statistics, metrics, a brief
 training on a known Gaussian random field, eval modes, one-line errors, resume. CPU only, offline, tiny."""
+import functools
 import json
 import math
 import os
@@ -9,24 +10,12 @@ import pytest
 import torch
 
 import common
+import helpers
+from helpers import one_thread  # noqa: F401 (an autouse fixture)
 import no_diffusion
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(argv):
-    """Run no_diffusion.main the way `python no_diffusion.py ...` does; returns the exit status."""
-    try:
-        common.run_main(lambda: no_diffusion.main(argv))
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
+run_cli = functools.partial(helpers.run_cli, no_diffusion.main)
 
 
 def tiny_args(outdir, data_dir, *extra):
@@ -34,22 +23,6 @@ def tiny_args(outdir, data_dir, *extra):
             "--n-functions", "320", "--width", "8", "--modes", "4", "--layers", "2", "--batch-size", "32",
             "--L", "20", "--Ntest", "32", "--steps", "4", "--record-interval", "1", "--epochs", "2",
             "--no-progress", *extra]
-
-
-class StopAfter:
-    """Stand-in for common.StopSignal that 'receives' SIGTERM after a number of polls (mid-epoch)."""
-    polls_left = 5
-
-    def __init__(self):
-        self.polls = 0
-
-    @property
-    def received(self):
-        self.polls += 1
-        return "SIGTERM" if self.polls > StopAfter.polls_left else None
-
-    def close(self):
-        pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,7 +261,7 @@ def test_run_outputs_eval_modes_and_resume(tmp_path, monkeypatch):
 
     # stopped mid-epoch by SIGTERM, then resumed: the same weights and metrics as the uninterrupted run
     stopped = tmp_path / "stopped"
-    monkeypatch.setattr(common, "StopSignal", StopAfter)
+    monkeypatch.setattr(common, "StopSignal", helpers.StopAfter)
     assert run_cli(tiny_args(stopped, data_dir)) == 0
     assert not (stopped / "results.json").exists()
     monkeypatch.undo()

