@@ -496,8 +496,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model):
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        for ema_param, param in zip(self.model.parameters(), model.parameters()):
-            ema_param.lerp_(param.detach(), 1 - decay)
+        # one fused lerp over all parameters (a loop launches one kernel per tensor: slow on a GPU)
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
         for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
             ema_buffer.copy_(buffer)
         self.steps += 1

@@ -384,13 +384,14 @@ class Evaluator:
         self.data, self.device, self.fid_kind = data, device, fid_kind
         self.classifier = common.load_mnist_classifier(data, data_dir, device)
         classifier_file = os.path.join(data_dir, f"mnist-classifier-{data['name']}.pt")
-        tag = common.file_sha256(classifier_file)[:12] if os.path.isfile(classifier_file) else "uncached"
+        lenet_tag = common.file_sha256(classifier_file)[:12] if os.path.isfile(classifier_file) else "uncached"
         self.features = {"lenet": lambda images: common.classifier_outputs(self.classifier, images)[0].cpu()}
         if fid_kind == "inception":
             self.features["inception"] = inception_extractor(device)
-            tag = "inception-v3"
-        self.reference = reference_stats(os.path.join(data_dir, f"fid-stats-{fid_kind}-{tag}-{data['name']}-test.npz"),
-                                         lambda: self.features[fid_kind](data["x_test"]))
+        # test-set statistics of every feature kind in use; the classifier FID is always reported
+        self.reference = {kind: reference_stats(
+            os.path.join(data_dir, f"fid-stats-{kind}-{lenet_tag if kind == 'lenet' else 'inception-v3'}-{data['name']}-test.npz"),
+            functools.partial(self.features[kind], data["x_test"])) for kind in self.features}
         prompts, digits = heldout_captions()
         self.heldout = {"prompts": prompts, "digits": torch.tensor(digits),
                         "table": table_to(caption_table(encoder_name, encoder_path, prompts + [NULL_PROMPT], cache_dir), device)}
@@ -421,11 +422,13 @@ class Evaluator:
         correct = (predictions == digits).float()
         real_images, real_digits = self.real_subset(len(images), seed)
         real_features, real_predictions = common.classifier_outputs(self.classifier, real_images)
-        features = lenet_features.cpu() if self.fid_kind == "lenet" else self.features[self.fid_kind](images)
-        floor_features = real_features.cpu() if self.fid_kind == "lenet" else self.features[self.fid_kind](real_images)
+        fids = {"lenet": (lenet_features.cpu(), real_features.cpu())}
+        if self.fid_kind != "lenet":
+            fids[self.fid_kind] = (self.features[self.fid_kind](images), self.features[self.fid_kind](real_images))
+        fids = {kind: [frechet_from_stats(feature_stats(f), self.reference[kind]) for f in pair] for kind, pair in fids.items()}
         results = {
-            "fid": frechet_from_stats(feature_stats(features), self.reference), "fid_kind": self.fid_kind,
-            "fid_floor": frechet_from_stats(feature_stats(floor_features), self.reference),
+            "fid": fids[self.fid_kind][0], "fid_kind": self.fid_kind, "fid_floor": fids[self.fid_kind][1],
+            "classifier_fid": fids["lenet"][0], "classifier_fid_floor": fids["lenet"][1],
             "prompt_accuracy": correct.mean().item(),
             "prompt_accuracy_per_digit": [correct[digits == d].mean().item() for d in range(10)],
             "samples": len(images), "sampler": sampler, "sample_steps": steps, "guidance_scale": guidance_scale,
@@ -591,10 +594,11 @@ def parse_args(argv=None):
 
 
 def setup_distributed(device_name):
-    """(rank, world_size, device): torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on CUDA, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    """(rank, world_size, device): under torchrun (which sets WORLD_SIZE/RANK/LOCAL_RANK) a process group,
+    NCCL on CUDA and gloo on CPU, and the model is wrapped in DDP, also with one process; else a plain run."""
+    if "LOCAL_RANK" not in os.environ:
         return 0, 1, common.pick_device(device_name)
+    world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and device_name != "cpu"
     if cuda:
@@ -623,7 +627,7 @@ def main(argv=None):
     try:
         return train(args, rank, world_size, device)
     finally:
-        if world_size > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -663,7 +667,7 @@ def train(args, rank, world_size, device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     process = common.make_process("gaussian", args.T, "cosine")
     network = torch.compile(model) if args.compile else model
-    if world_size > 1:
+    if dist.is_initialized():
         network = nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
     parameters = common.count_parameters(model)
     if is_main:
@@ -881,6 +885,8 @@ def report(results):
     print(f"{results['fid_kind']} FID {results['fid']:.3f} (floor: real train vs test, same {results['samples']} images: "
           f"{results['fid_floor']:.3f}); {results['sampler']} {results['sample_steps']} steps, "
           f"guidance {results['guidance_scale']:g}")
+    if results["fid_kind"] != "lenet":
+        print(f"classifier FID {results['classifier_fid']:.3f} (floor {results['classifier_fid_floor']:.3f})")
     print(f"prompt accuracy {results['prompt_accuracy']:.2%} (real images: {reference['prompt_accuracy']:.2%}); per digit "
           + " ".join(f"{a:.0%}" for a in results["prompt_accuracy_per_digit"]))
     if "heldout_prompt_accuracy" in results:
@@ -975,9 +981,11 @@ def sweep(argv):
         metrics, _ = evaluator(model, process, table, null_id, args.num_samples, 0, scale, args.sampler, steps, args.seed,
                                full=False)
         rows.append({"axis": axis, "guidance_scale": scale, "sample_steps": steps, "sampler": args.sampler,
-                     **{k: metrics[k] for k in ("prompt_accuracy", "fid", "fid_kind", "fid_floor", "samples")}})
+                     **{k: metrics[k] for k in ("prompt_accuracy", "fid", "fid_kind", "fid_floor", "classifier_fid",
+                                         "classifier_fid_floor", "samples")}})
         print(f"{axis}={value:g}: prompt accuracy {metrics['prompt_accuracy']:.1%}, {args.fid} FID {metrics['fid']:.3f} "
-              f"(floor {metrics['fid_floor']:.3f})", flush=True)
+              f"(floor {metrics['fid_floor']:.3f}), classifier FID {metrics['classifier_fid']:.3f} "
+              f"(floor {metrics['classifier_fid_floor']:.3f})", flush=True)
     common.write_json(os.path.join(args.outdir, "sweep.json"), {"checkpoint": args.ckpt, "dataset": data["name"], "rows": rows})
     import matplotlib
     matplotlib.use("Agg")

@@ -752,6 +752,7 @@ def main(argv=None):
     # sigma^2 |s(x, sigma) + z / sigma|^2 = |n_theta(u + sigma z, sigma) - z|^2, sigma uniform over the L levels
     stop = common.StopSignal()
     started = time.time() - elapsed
+    window_start, window_step = time.time(), step
     metrics = None
     try:
         while epoch < args.epochs:
@@ -778,7 +779,10 @@ def main(argv=None):
                 step += 1
                 bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
                 if step % args.log_every == 0:
-                    logger.log({"train/loss": last_loss, "progress/epoch": epoch + (batch_index + 1) / steps_per_epoch}, step=step)
+                    rate = (step - window_step) / max(time.time() - window_start, 1e-9)  # steps/s since the last line
+                    logger.log({"train/loss": last_loss, "progress/epoch": epoch + (batch_index + 1) / steps_per_epoch,
+                                "system/images_per_second": rate * args.batch_size}, step=step)
+                    window_start, window_step = time.time(), step
                 out_of_time = args.max_minutes is not None and time.time() - started > 60 * args.max_minutes
                 if stop.received or out_of_time:
                     batch_index += 1
@@ -796,6 +800,7 @@ def main(argv=None):
             if epoch % args.record_interval == 0 or finished:
                 metrics, evaluations, seconds = record()
             save(checkpoint_path)
+            window_start, window_step = time.time(), step  # evaluation and saving are not training speed
             if finished:
                 break
     finally:
