@@ -133,6 +133,9 @@ def load_denoiser(path, device):
     meta = state["meta"]
     model = LatentDenoiser(**meta["args"])
     common.load_model_state(model, state["ema"]["model"], path)
+    if meta["T"] != 1000 and meta.get("beta_scaling") != "1000/T":  # saved before the betas were scaled by 1000/T
+        raise UserError(f"{path} was trained with T = {meta['T']} and unscaled linear betas, a process this version "
+                        "no longer builds; retrain it (at T = 1000 both versions agree)")
     process = common.gaussian_process(meta["T"], "linear", meta["beta_start"], meta["beta_end"])
     stats = {key: value.to(device) for key, value in state["latent_stats"].items()}
     return model.to(device).eval(), process, stats, meta
@@ -209,8 +212,10 @@ def parse_args(argv=None):
     parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                         help="constant, or cosine decay from --lr to 0 over the run")
     parser.add_argument("--T", type=common.positive_int, default=1000, help="diffusion steps")
-    parser.add_argument("--beta-start", type=common.positive_float, default=1e-4, help="first beta of the linear schedule")
-    parser.add_argument("--beta-end", type=common.positive_float, default=2e-2, help="last beta of the linear schedule")
+    parser.add_argument("--beta-start", type=common.positive_float, default=1e-4,
+                        help="first beta of the linear schedule at T = 1000 (scaled by 1000/T)")
+    parser.add_argument("--beta-end", type=common.positive_float, default=2e-2,
+                        help="last beta of the linear schedule at T = 1000 (scaled by 1000/T)")
     parser.add_argument("--hidden-dim", type=common.positive_int, default=256, help="denoiser MLP width")
     parser.add_argument("--num-blocks", type=common.positive_int, default=4, help="FiLM residual blocks in the denoiser")
     parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the weights (with warm-up)")
@@ -370,8 +375,8 @@ def main(argv=None):
         common.prepare_outdir(os.path.join(run_dir, sub))
     last_path, best_path = os.path.join(run_dir, "checkpoints", "last.pt"), os.path.join(run_dir, "checkpoints", "best.pt")
     config["run_dir"] = run_dir
-    meta = common.checkpoint_meta(SCRIPT, KIND, args=model_args, T=args.T, beta_start=args.beta_start,
-                                  beta_end=args.beta_end, ae_ckpt=ae_path, ae_kind=ae_meta["kind"],
+    meta = common.checkpoint_meta(SCRIPT, KIND, args=model_args, T=args.T, beta_scaling="1000/T",
+                                  beta_start=args.beta_start, beta_end=args.beta_end, ae_ckpt=ae_path, ae_kind=ae_meta["kind"],
                                   only_digit=args.only_digit, dataset=data["name"])
 
     # training randomness (batch order aside) comes from one generator whose state is checkpointed

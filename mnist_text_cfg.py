@@ -550,6 +550,8 @@ def parse_args(argv=None):
     add("--ema-decay", type=float, default=0.999, help="EMA decay of the weights (with warm-up)")
     add("--cond-drop", type=float, default=0.1, help="probability of replacing the caption by the empty prompt")
     add("--T", type=common.positive_int, default=1000, help="diffusion steps (cosine schedule)")
+    add("--min-snr-gamma", type=common.nonnegative_float, default=0.0,
+        help="Min-SNR loss weighting min(SNR_t, gamma) / SNR_t (Hang et al. 2023; 5 is theirs); 0 = plain eps MSE")
     add("--guidance-scale", type=common.nonnegative_float, default=3.0,
         help="CFG scale w for evaluation and grids: 0 unconditional, 1 conditional, > 1 guided")
     add("--sampler", choices=sorted(common.SAMPLERS), default="dpmpp", help="sampler for evaluation and grids")
@@ -666,6 +668,8 @@ def train(args, rank, world_size, device):
     ema = common.EMA(model, args.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     process = common.make_process("gaussian", args.T, "cosine")
+    snr_weight = (process.snr().clamp(max=args.min_snr_gamma) / process.snr()).float().to(device) \
+        if args.min_snr_gamma else None  # (T + 1,): min(SNR_t, gamma) / SNR_t
     network = torch.compile(model) if args.compile else model
     if dist.is_initialized():
         network = nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
@@ -687,7 +691,7 @@ def train(args, rank, world_size, device):
     progress = {"epoch": 0, "batch_index": 0, "step": 0, "elapsed": 0.0, "total_steps": step_limit}
     if existing:
         state = common.load_checkpoint(existing[-1], script=SCRIPT, kinds={KIND})
-        for key in ("text_encoder", "channels", "batch_size", "lr", "T", "seed", "dataset_used", "world_size"):
+        for key in ("text_encoder", "channels", "batch_size", "lr", "T", "min_snr_gamma", "seed", "dataset_used", "world_size"):
             if state["config"].get(key) != config[key]:
                 raise UserError(f"{existing[-1]} was trained with {key}={state['config'].get(key)!r}, not {config[key]!r}")
         common.restore_training_state(state, existing[-1], model, ema, optimizer, generator)
@@ -799,7 +803,12 @@ def train(args, rank, world_size, device):
                 if args.channels_last:
                     x_t = x_t.contiguous(memory_format=torch.channels_last)
                 with common.autocast(device, not args.no_amp):
-                    loss = F.mse_loss(network(x_t, t, caption_ids, table).float(), noise)
+                    eps_hat = network(x_t, t, caption_ids, table).float()
+                if args.min_snr_gamma:  # Min-SNR-gamma weighting (Hang et al. 2023, Eq. 9, eps-prediction)
+                    per_image = (eps_hat - noise).pow(2).mean(dim=(1, 2, 3))  # (B,)
+                    loss = (per_image * snr_weight[t]).mean()
+                else:
+                    loss = F.mse_loss(eps_hat, noise)
                 last_loss = common.finite_loss(loss, f"step {progress['step']}", last_checkpoint)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

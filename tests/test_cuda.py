@@ -34,10 +34,12 @@ def test_samplers_on_cuda_with_cpu_or_cuda_generator(name, options):
     on_cuda = sampler(toy_denoiser(process), x_T.cuda(), process, 20, generator=torch.Generator().manual_seed(1), **options)
     assert on_cuda.device.type == "cuda"
     torch.testing.assert_close(on_cuda.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
-    # a CUDA generator: other noise, the same distribution
+    # a CUDA generator: other noise, the same distribution as the CPU run (20 of 100 steps: not exactly the
+    # data's N(0.5, 0.2^2) for every sampler, so the CPU run is the reference)
     cuda_generator = torch.Generator(device="cuda").manual_seed(1)
     samples = sampler(toy_denoiser(process), x_T.cuda(), process, 20, generator=cuda_generator, **options)
-    assert abs(samples.mean().item() - 0.5) < 0.02 and abs(samples.std().item() - 0.2) < 0.02
+    assert abs(samples.mean().item() - on_cpu.mean().item()) < 0.02
+    assert abs(samples.std().item() - on_cpu.std().item()) < 0.02
 
 
 def test_text_cfg_trains_in_bf16_and_samples_on_cuda(tmp_path):

@@ -21,6 +21,8 @@ import helpers
 from helpers import one_thread, run_cli  # noqa: F401 (one_thread: an autouse fixture)
 import latent_diffusion
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.fixture(scope="module", autouse=True)
 def mnist5k_parsed_once():
@@ -166,6 +168,20 @@ def test_autoencoder_resume_after_preemption_reproduces_uninterrupted_run(tmp_pa
     assert a["meta"]["test_mse"] == b["meta"]["test_mse"]
     with pytest.raises(common.UserError, match="batch_size"):
         autoencoders.main(argv("interrupted", "--resume", "--batch-size", "64"))
+
+    # kill -9 right after the epoch-1 checkpoint, in the middle of epoch 2, then --resume: the same model
+    killed = tmp_path / "killed" / "ae-mlp.pt"
+    child = subprocess.Popen([sys.executable, os.path.join(ROOT, "autoencoders.py"), *argv("killed", "--threads", "1")],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not killed.exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
+    assert torch.load(killed, weights_only=True)["epoch"] == 1
+    autoencoders.main(argv("killed", "--resume"))
+    c = torch.load(killed, weights_only=True)
+    assert all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"]) and a["meta"]["test_mse"] == c["meta"]["test_mse"]
 
 
 def test_autoencoder_never_replaces_a_model_silently(tmp_path, monkeypatch, capsys):
@@ -329,6 +345,14 @@ def test_train_then_generate_writes_the_model_samples(ae_checkpoints, tmp_path, 
         assert generate(output) == 2, output
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and err.startswith("error: --output")
+    # a checkpoint saved before the betas were scaled by 1000/T, at T != 1000, is refused in one line
+    state = torch.load(ckpt, weights_only=False)
+    state["meta"]["T"] = 100
+    del state["meta"]["beta_scaling"]
+    old_ckpt = tmp_path / "old-T100.pt"
+    torch.save(state, old_ckpt)
+    with pytest.raises(common.UserError, match="unscaled linear betas"):
+        latent_diffusion.load_denoiser(str(old_ckpt), "cpu")
 
 
 def test_run_name_follows_the_spec(ae_checkpoints, tmp_path):
@@ -359,7 +383,6 @@ def test_resume_after_preemption_reproduces_uninterrupted_run(ae_checkpoints, tm
     assert torch.equal(a["generator"], b["generator"])
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

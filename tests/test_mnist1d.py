@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,6 +164,14 @@ def test_both_losses_carry_gradient_into_the_model(noise, loss_kind):
     semi_3, _ = forward_gradient(model, process, args, loss_kind, True, x0, y)
     # total = w_f * forward + others: d total / d w_f = the forward loss's gradient = the implicit one
     torch.testing.assert_close((semi_3 - semi) / 2, implicit, rtol=1e-3, atol=1e-6)
+    # and each of the other three losses moves the weights too: raising its weight by 2 changes the gradient
+    # by twice its own gradient, which is zero if that loss were detached
+    for weight in ("weight_inverse", "weight_rt_fi", "weight_rt_if"):
+        args = m1d.parse_args(["--T", "100"])
+        setattr(args, weight, getattr(args, weight) + 2.0)
+        raised, _ = forward_gradient(model, process, args, loss_kind, True, x0, y)
+        own = (raised - semi) / 2
+        assert torch.isfinite(own).all() and own.norm() > 1e-3 * semi.norm(), weight
 
 
 @pytest.mark.parametrize("noise", ["gaussian", "convex"])
@@ -268,6 +277,24 @@ def test_resume_after_sigterm_reproduces_uninterrupted_run(tmp_path, data_dir):
     assert "resuming at epoch" in resumed.stdout
     full = json.load(open(tmp_path / "full" / "results.json"))["configs"][0]
     again = json.load(open(interrupted_dir / "results.json"))["configs"][0]
+    assert again["train_loss"] == pytest.approx(full["train_loss"], rel=1e-6)
+    for key in ("test_mse_forward", "test_mse_inverse", "test_kl", "sample_fd", "sample_accuracy"):
+        assert again[key] == pytest.approx(full[key], rel=1e-6), key
+
+    # kill -9 (no handler runs) right after a checkpoint write, then --resume: the same numbers again
+    killed_dir = tmp_path / "killed"
+    checkpoint = killed_dir / "runs" / "kl-convex-semi-implicit-seed0" / "checkpoint.pt"
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "mnist1d_semi_implicit.py"), "--outdir",
+                                str(killed_dir), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    deadline = time.time() + 600
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
+    assert not (checkpoint.parent / "result.json").exists()
+    resumed = run_script("--outdir", str(killed_dir), "--resume", *flags)
+    assert resumed.returncode == 0 and "resuming at epoch" in resumed.stdout, resumed.stderr
+    again = json.load(open(killed_dir / "results.json"))["configs"][0]
     assert again["train_loss"] == pytest.approx(full["train_loss"], rel=1e-6)
     for key in ("test_mse_forward", "test_mse_inverse", "test_kl", "sample_fd", "sample_accuracy"):
         assert again[key] == pytest.approx(full[key], rel=1e-6), key
@@ -504,6 +531,42 @@ def test_aggregate_survives_seeds_with_curves_of_different_length():
     entry = m1d.aggregate([fake(0, 5), fake(1, 3)])
     assert entry["train_loss"] == [1.0] * 3 and entry["curve_epochs"] == 3
     assert entry["train_components"]["forward"] == [1.0] * 3
+
+
+def test_samples_without_a_frechet_distance_are_reported_not_raised():
+    """A diverged model's NaN samples have no FD: the run reports why, aggregation and ranking skip it."""
+    classifier = m1d.Classifier().eval()
+    real = classifier.features(torch.randn(200, 40)).detach().numpy()
+    samples, labels = torch.full((50, 40), float("nan")), torch.zeros(50, dtype=torch.long)
+    distance, reason, accuracy = m1d.sample_quality(classifier, samples, labels, real)
+    assert distance is None and "non-finite" in reason and 0 <= accuracy <= 1
+    distance, reason, _ = m1d.sample_quality(classifier, torch.randn(50, 40), labels, real)
+    assert distance > 0 and reason is None
+
+    def fake(seed, fd):
+        result = {key: 1.0 for key in m1d.SCALARS}
+        result.update(name="mse-gaussian-implicit", loss="mse", noise="gaussian", training="implicit", seed=seed,
+                      sample_fd=fd, train_loss=[1.0], train_components={}, forward_mse_by_t={"t": [1.0], "mse": [1.0]},
+                      samples=[], sample_labels=[])
+        return result
+    entry = m1d.aggregate([fake(0, None), fake(1, 30.0)])
+    assert math.isnan(entry["sample_fd"]) and entry["test_mse"] == 1.0
+    assert m1d.exceeds_spread(entry, m1d.aggregate([fake(0, 30.0), fake(1, 31.0)]), "sample_fd") is None
+
+
+def test_exceeds_spread_is_welchs_t_test():
+    """3 seeds each: a difference of 2.5 standard errors is within the spread (Welch's t quantile at ~4
+    degrees of freedom is 2.78), 3.5 standard errors exceed it; the same rule as scipy's ttest_ind."""
+    from scipy import stats
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a, b = rng.normal(0, 1, 3), rng.normal(rng.uniform(0, 4), rng.uniform(0.5, 2), 3)
+        entry = lambda x: {"seeds": [0, 1, 2], "fd": float(x.mean()), "std": {"fd": float(x.std(ddof=1))}}
+        expected = stats.ttest_ind(a, b, equal_var=False).pvalue < 0.05
+        assert m1d.exceeds_spread(entry(a), entry(b), "fd") == expected
+    fixed = lambda mean: {"seeds": [0, 1, 2], "fd": mean, "std": {"fd": math.sqrt(3 / 2)}}  # SE of the difference: 1
+    assert m1d.exceeds_spread(fixed(0.0), fixed(2.5), "fd") is False
+    assert m1d.exceeds_spread(fixed(0.0), fixed(3.5), "fd") is True
 
 
 @pytest.mark.parametrize("flags,named", [
