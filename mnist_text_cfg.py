@@ -693,8 +693,9 @@ def train(args, rank, world_size, device):
     if existing:
         state = common.load_checkpoint(existing[-1], script=SCRIPT, kinds={KIND})
         for key in ("text_encoder", "channels", "batch_size", "lr", "T", "min_snr_gamma", "seed", "dataset_used", "world_size"):
-            if state["config"].get(key) != config[key]:
-                raise UserError(f"{existing[-1]} was trained with {key}={state['config'].get(key)!r}, not {config[key]!r}")
+            saved = state["config"].get(key, 0.0 if key == "min_snr_gamma" else None)  # older runs: plain eps MSE
+            if saved != config[key]:
+                raise UserError(f"{existing[-1]} was trained with {key}={saved!r}, not {config[key]!r}")
         common.restore_training_state(state, existing[-1], model, ema, optimizer, generator)
         progress = state["progress"]
         if is_main:

@@ -26,7 +26,7 @@ if [ -f .venv/bin/activate ]; then source .venv/bin/activate; fi
 
 AE_MODEL=${AE_MODEL:-conv}
 AE_EPOCHS=${AE_EPOCHS:-12}
-EPOCHS=${EPOCHS:-20}
+EPOCHS=${EPOCHS:-75}
 OUTDIR=${OUTDIR:-runs}
 DATASET=${DATASET:-auto}
 DIGIT_FLAG=${ONLY_DIGIT:+--only-digit $ONLY_DIGIT}

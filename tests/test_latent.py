@@ -455,9 +455,9 @@ def test_auto_resume_says_why_nothing_was_resumed(ae_checkpoints, straight_run, 
     assert (f"--auto-resume: nothing resumed (no run named latent-diffusion-* with checkpoints/last.pt under {tmp_path}); "
             "starting a new run") in capsys.readouterr().out
     (first,) = os.listdir(tmp_path)
-    latent_diffusion.main(argv + ["--lr", "0.001"])
+    latent_diffusion.main(argv + ["--lr", "0.002"])
     assert (f"--auto-resume: nothing resumed (1 run(s) named latent-diffusion-* under {tmp_path}, none with these "
-            f"settings; the newest, {first}, differs in lr 0.0002 there, 0.001 now); starting a new run") \
+            f"settings; the newest, {first}, differs in lr 0.001 there, 0.002 now); starting a new run") \
         in capsys.readouterr().out
     reference, _ = straight_run
     capsys.readouterr()

@@ -379,3 +379,18 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, data_dir, capsys):
         assert run_cli(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_min_snr_weighting_is_the_plain_loss_when_gamma_caps_nothing(tmp_path, data_dir):
+    """Min-SNR-gamma (Hang et al. 2023) weights each image's eps MSE by min(SNR_t, gamma) / SNR_t: with a gamma
+    above every SNR of the schedule all weights are 1 and training equals the plain loss (up to summation
+    order); with gamma = 5 the low-noise steps count less and the weights move differently."""
+    def trained(name, *extra):
+        assert run_cli(tiny_args(tmp_path / name, data_dir, "--text-encoder", "class", "--epochs", "1", *extra)) == 0
+        return torch.load(tmp_path / name / "checkpoints" / "final.pt", weights_only=True)["model"]
+    plain, uncapped, capped = trained("plain"), trained("uncapped", "--min-snr-gamma", "1e12"), trained("snr5", "--min-snr-gamma", "5")
+    process = common.make_process("gaussian", 1000, "cosine")
+    assert process.snr()[1:].max() < 1e12
+    for key in plain:
+        torch.testing.assert_close(uncapped[key], plain[key], rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(capped[key], plain[key], rtol=1e-4, atol=1e-6) for key in plain)
