@@ -423,10 +423,12 @@ class Evaluator:
         correct = (predictions == digits).float()
         real_images, real_digits = self.real_subset(len(images), seed)
         real_features, real_predictions = common.classifier_outputs(self.classifier, real_images)
-        fids = {"lenet": (lenet_features.cpu(), real_features.cpu())}
+        # (samples, real images) features per kind; the classifier's are at hand, Inception's computed here
+        features = {"lenet": (lenet_features.cpu(), real_features.cpu())}
         if self.fid_kind != "lenet":
-            fids[self.fid_kind] = (self.features[self.fid_kind](images), self.features[self.fid_kind](real_images))
-        fids = {kind: [frechet_from_stats(feature_stats(f), self.reference[kind]) for f in pair] for kind, pair in fids.items()}
+            features[self.fid_kind] = (self.features[self.fid_kind](images), self.features[self.fid_kind](real_images))
+        fids = {kind: [frechet_from_stats(feature_stats(f), self.reference[kind]) for f in pair]
+                for kind, pair in features.items()}  # kind -> [FID of the samples, the floor]
         results = {
             "fid": fids[self.fid_kind][0], "fid_kind": self.fid_kind, "fid_floor": fids[self.fid_kind][1],
             "classifier_fid": fids["lenet"][0], "classifier_fid_floor": fids["lenet"][1],
@@ -669,8 +671,8 @@ def train(args, rank, world_size, device):
     ema = common.EMA(model, args.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     process = common.make_process("gaussian", args.T, "cosine")
-    snr_weight = (process.snr().clamp(max=args.min_snr_gamma) / process.snr()).float().to(device) \
-        if args.min_snr_gamma else None  # (T + 1,): min(SNR_t, gamma) / SNR_t
+    snr = process.snr()  # (T + 1,)
+    snr_weight = (snr.clamp(max=args.min_snr_gamma) / snr).float().to(device) if args.min_snr_gamma else None
     network = torch.compile(model) if args.compile else model
     if dist.is_initialized():
         network = nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
