@@ -26,12 +26,12 @@ if [ -f .venv/bin/activate ]; then source .venv/bin/activate; fi
 
 AE_MODEL=${AE_MODEL:-conv}
 AE_EPOCHS=${AE_EPOCHS:-12}
-EPOCHS=${EPOCHS:-75}
+EPOCHS=${EPOCHS:-125}
 OUTDIR=${OUTDIR:-runs}
 DATASET=${DATASET:-auto}
 DIGIT_FLAG=${ONLY_DIGIT:+--only-digit $ONLY_DIGIT}
 WANDB=${WANDB:-off}
-LATENT_FLAGS=${LATENT_FLAGS:-}   # more latent_diffusion.py flags, e.g. "--lr 1e-3 --lr-schedule cosine"
+LATENT_FLAGS=${LATENT_FLAGS:-}   # more latent_diffusion.py flags, e.g. "--hidden-dim 512 --ema-decay 0.9999"
 
 source slurm/requeue.sh  # run_step: forwards USR1/TERM to the step, then requeues the job
 

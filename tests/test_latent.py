@@ -60,7 +60,8 @@ def classifier_dir(tmp_path_factory):
 
 
 def latent_args(ae_path, outdir, *extra):
-    return ["--ae-ckpt", ae_path, "--outdir", str(outdir), "--dataset", "mnist5k", "--epochs", "1",
+    """Tiny settings; batch 128 (not the default 512) so that an epoch of mnist5k has 32 steps to stop inside."""
+    return ["--ae-ckpt", ae_path, "--outdir", str(outdir), "--dataset", "mnist5k", "--epochs", "1", "--batch-size", "128",
             "--eval-samples", "0", "--cache-dir", "", "--no-progress", "--hidden-dim", "32", "--num-blocks", "2", *extra]
 
 
@@ -455,9 +456,9 @@ def test_auto_resume_says_why_nothing_was_resumed(ae_checkpoints, straight_run, 
     assert (f"--auto-resume: nothing resumed (no run named latent-diffusion-* with checkpoints/last.pt under {tmp_path}); "
             "starting a new run") in capsys.readouterr().out
     (first,) = os.listdir(tmp_path)
-    latent_diffusion.main(argv + ["--lr", "0.002"])
+    latent_diffusion.main(argv + ["--lr", "0.003"])
     assert (f"--auto-resume: nothing resumed (1 run(s) named latent-diffusion-* under {tmp_path}, none with these "
-            f"settings; the newest, {first}, differs in lr 0.001 there, 0.002 now); starting a new run") \
+            f"settings; the newest, {first}, differs in lr 0.002 there, 0.003 now); starting a new run") \
         in capsys.readouterr().out
     reference, _ = straight_run
     capsys.readouterr()

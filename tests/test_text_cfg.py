@@ -295,7 +295,8 @@ def test_sweep_writes_table_and_plots(minilm_run, data_dir, tmp_path):
                         "--steps-list", "2,4", "--num-samples", "10", "--dataset", "mnist5k", "--data-dir", str(data_dir),
                         "--outdir", str(tmp_path / "sweep")])
     assert [(r["axis"], r["guidance_scale"], r["sample_steps"]) for r in rows] == [
-        ("guidance_scale", 0, 20), ("guidance_scale", 2, 20), ("sample_steps", 3.0, 2), ("sample_steps", 3.0, 4)]
+        ("guidance_scale", 0, 20), ("guidance_scale", 2, 20),
+        ("sample_steps", script.DEFAULT_GUIDANCE, 2), ("sample_steps", script.DEFAULT_GUIDANCE, 4)]
     table = json.load(open(tmp_path / "sweep" / "sweep.json"))
     assert len(table["rows"]) == 4 and all(np.isfinite(r["fid"]) for r in table["rows"])
     for name in ("sweep_guidance_scale.png", "sweep_sample_steps.png"):
