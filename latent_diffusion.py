@@ -12,7 +12,7 @@ Samples are drawn in latent space with any sampler of common.py and decoded to i
     python latent_diffusion.py generate --ckpt runs/<run>/checkpoints/last.pt --num-images 64 \\
         --output generated.png --sampler dpmpp --steps 20
 
-A run lives in <outdir>/<run name>, e.g. runs/latent-diffusion-dall-bs128-lr0.001-T1000-seed42-20250101-120000/:
+A run lives in <outdir>/<run name>, e.g. runs/latent-diffusion-dall-bs512-lr0.002-T1000-seed42-20250101-120000/:
 config.json, results.json, checkpoints/{last,best}.pt, samples/*.png, logs/metrics.jsonl.
 Validation loss, early stopping and best.pt use a fixed split of the training set (10% of each digit);
 the test set is touched only by the final metrics.

@@ -1,5 +1,12 @@
 """What several test files share: running a script's main() as the command line does, one torch thread for
-tiny models, and a stand-in for common.StopSignal that 'receives' SIGTERM mid-epoch."""
+tiny models, a stand-in for common.StopSignal that 'receives' SIGTERM mid-epoch, and a kill -9 of a script
+right after it writes a checkpoint."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -23,6 +30,21 @@ def run_cli(main, argv):
     except SystemExit as exit_:
         return exit_.code
     return 0
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def kill_9_when_written(script, argv, path, timeout=300):
+    """Run `python script argv...` from the repository root and SIGKILL it (no handler runs) as soon as `path`
+    exists, i.e. right after its first checkpoint write; asserts it died of the signal, not of an error."""
+    child = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while not os.path.exists(path) and child.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
 
 
 class StopAfter:

@@ -5,10 +5,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,8 +16,6 @@ import common
 import helpers
 from helpers import one_thread, run_cli  # noqa: F401 (one_thread: an autouse fixture)
 import latent_diffusion
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -172,13 +166,7 @@ def test_autoencoder_resume_after_preemption_reproduces_uninterrupted_run(tmp_pa
 
     # kill -9 right after the epoch-1 checkpoint, in the middle of epoch 2, then --resume: the same model
     killed = tmp_path / "killed" / "ae-mlp.pt"
-    child = subprocess.Popen([sys.executable, os.path.join(ROOT, "autoencoders.py"), *argv("killed", "--threads", "1")],
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not killed.exists() and child.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    child.send_signal(signal.SIGKILL)
-    assert child.wait() == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
+    helpers.kill_9_when_written("autoencoders.py", argv("killed", "--threads", "1"), killed)
     assert torch.load(killed, weights_only=True)["epoch"] == 1
     autoencoders.main(argv("killed", "--resume"))
     c = torch.load(killed, weights_only=True)
@@ -384,8 +372,6 @@ def test_resume_after_preemption_reproduces_uninterrupted_run(ae_checkpoints, tm
     assert torch.equal(a["generator"], b["generator"])
 
 
-
-
 @pytest.fixture(scope="module")
 def straight_run(ae_checkpoints, tmp_path_factory):
     """An uninterrupted 2-epoch run on the conv AE: the reference that interrupted runs must reproduce."""
@@ -404,13 +390,7 @@ def test_resume_after_kill_9_reproduces_uninterrupted_run(ae_checkpoints, straig
     reference, straight = straight_run
     argv = latent_args(ae_checkpoints["conv"], tmp_path, "--run-name", "killed", "--epochs", "2", "--threads", "1")
     last = tmp_path / "killed" / "checkpoints" / "last.pt"
-    child = subprocess.Popen([sys.executable, os.path.join(ROOT, "latent_diffusion.py"), *argv], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not last.exists() and child.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    child.send_signal(signal.SIGKILL)  # right after the epoch-1 checkpoint, in the middle of epoch 2
-    assert child.wait() == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
+    helpers.kill_9_when_written("latent_diffusion.py", argv, last)  # right after the epoch-1 checkpoint, mid epoch 2
     assert torch.load(last, weights_only=True)["epoch"] == 1
     resumed = latent_diffusion.main(argv + ["--auto-resume"])
     assert resumed["best_val_eps_mse"] == straight["best_val_eps_mse"] and resumed["steps"] == straight["steps"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import helpers
 import mnist1d_semi_implicit as m1d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -284,13 +285,7 @@ def test_resume_after_sigterm_reproduces_uninterrupted_run(tmp_path, data_dir):
     # kill -9 (no handler runs) right after a checkpoint write, then --resume: the same numbers again
     killed_dir = tmp_path / "killed"
     checkpoint = killed_dir / "runs" / "kl-convex-semi-implicit-seed0" / "checkpoint.pt"
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "mnist1d_semi_implicit.py"), "--outdir",
-                                str(killed_dir), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    deadline = time.time() + 600
-    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
+    helpers.kill_9_when_written("mnist1d_semi_implicit.py", ["--outdir", str(killed_dir), *flags], checkpoint, timeout=600)
     assert not (checkpoint.parent / "result.json").exists()
     resumed = run_script("--outdir", str(killed_dir), "--resume", *flags)
     assert resumed.returncode == 0 and "resuming at epoch" in resumed.stdout, resumed.stderr
