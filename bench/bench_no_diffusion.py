@@ -80,12 +80,13 @@ def load(run_dir, checkpoint):
     return args, model
 
 
-def sample_and_score(args, model, count, sampler, options, resolution_scale=1, seed=1, batch_size=128):
+def sample_and_score(args, model, count, sampler, options, resolution_scale=1, seed=1):
     data = no_diffusion.load_functions(args.dataset, args.resolution * resolution_scale, args.crop * resolution_scale,
                                        args.n_functions, args.val_size, args.data_dir, args.seed)
     size = data["train"].shape[-1]
     noise = no_diffusion.GaussianNoise(size, args.noise, args.kernel, args.rbf_scale, args.rbf_eps)
     sigmas = no_diffusion.geometric_sigmas(args.sigma_1, args.sigma_L, args.L)
+    batch_size = no_diffusion.sampling_batch_size(None, torch.device("cpu"), size)
     samples, evaluations, seconds = no_diffusion.generate_functions(model, noise, sigmas, count, sampler, options,
                                                                     batch_size, seed, "cpu", progress=False)
     stats = no_diffusion.circular_statistics(data["train"])

@@ -2,7 +2,7 @@
 # The MNIST1D sweep on SLURM, requeued on preemption. Two ways to run it:
 #
 #   export SBATCH_MAIL_USER=<your address>          # e-mail on END/FAIL goes here; never written in this file
-#   sbatch slurm/run_diffusion_mnist1d.sh            # all 8 configs in one CPU job (~5 min on 2 idle cores)
+#   sbatch slurm/run_diffusion_mnist1d.sh            # all 8 configs in one CPU job (4-16 min on 2 idle cores)
 #   sbatch --array=0-7 slurm/run_diffusion_mnist1d.sh   # one config per array task, all into one outdir
 #   python mnist1d_semi_implicit.py report --outdir runs/mnist1d-<array job id>   # merge what has finished
 #

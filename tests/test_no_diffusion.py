@@ -241,6 +241,15 @@ def test_langevin_sampler_counts_evaluations_and_stays_finite():
     assert evaluations == 15 and samples.shape == (4, 2, 8, 8) and torch.isfinite(samples).all()
 
 
+def test_sampling_batch_size_defaults_by_device_and_grid():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert no_diffusion.sampling_batch_size(None, cpu, 64) == 32          # 32 functions of 64 x 64 on a CPU
+    assert no_diffusion.sampling_batch_size(None, cpu, 128) == 8          # the same grid points at 2x resolution
+    assert no_diffusion.sampling_batch_size(None, cpu, 4096) == 1
+    assert no_diffusion.sampling_batch_size(None, cuda, 64) == 128
+    assert no_diffusion.sampling_batch_size(5, cpu, 64) == 5              # --val-batch-size wins
+
+
 def test_run_outputs_eval_modes_and_resume(tmp_path, monkeypatch):
     data_dir = tmp_path / "data"
     full = tmp_path / "full"
