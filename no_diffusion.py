@@ -588,7 +588,9 @@ def build_parser():
     add("--sampler", choices=sorted(SAMPLERS), default="heun",
         help="heun: probability-flow ODE, 2*steps-1 evaluations; langevin: the reference's, L*T evaluations")
     add("--steps", type=common.positive_int, default=25, help="Heun steps (--sampler heun)")
-    add("--churn", type=common.nonnegative_float, default=0.0, help="Heun stochastic churn (Karras et al. S_churn)")
+    add("--churn", type=common.nonnegative_float, default=3.0,
+        help="Heun stochastic churn (Karras et al. S_churn; 0 = the deterministic probability-flow ODE). 3 measured "
+             "best of 0/2/3/5/10 on the default model: the plain ODE gives samples of too little circular variance")
     add("--width", type=common.positive_int, default=16, help="FNO channels")
     add("--modes", type=common.positive_int, default=12, help="Fourier modes kept per axis")
     add("--layers", type=common.positive_int, default=4, help="FNO blocks")
