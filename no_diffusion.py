@@ -5,7 +5,8 @@ After Lim et al., "Score-based diffusion models in function space", and its refe
 (cos phi, sin phi of an interferogram phase) are perturbed with Gaussian noise whose covariance is white or a
 stationary Gaussian random field (sampled by FFT circulant embedding), a sigma-conditioned FNO learns the
 noise (the score times -sigma), and samples come from annealed Langevin dynamics (the reference's sampler)
-or a probability-flow ODE solved with Heun's method (far fewer network evaluations).
+or Heun's method on the probability-flow ODE with a little stochastic churn (Karras et al. 2022; far fewer
+network evaluations).
 
     python no_diffusion.py --outdir runs/nodiff                        # synthetic volcano, 64 px, train + eval, ~13 min
     python no_diffusion.py --config json/rbf.json                      # runs/<run id>/rbf ($SAVEDIR, default runs)
