@@ -14,8 +14,8 @@ import torch
 import common
 import helpers
 import mnist1d_semi_implicit as m1d
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--epochs", "2", "--batch-size", "512", "--width", "8", "--T", "100", "--eval-strata", "4",
         "--samples-per-class", "5", "--sample-steps", "5", "--no-progress", "--threads", "1"]
 

@@ -195,7 +195,7 @@ def test_flags_override_the_experiment_file(tmp_path):
     finally:
         del os.environ["SAVEDIR"]
     for name in ("indep", "rbf", "rbf-reference"):   # the shipped experiment files parse
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "json", f"{name}.json")
+        path = os.path.join(helpers.ROOT, "json", f"{name}.json")
         no_diffusion.parse_args(["--config", path])
 
 

@@ -17,8 +17,7 @@ import common
 import helpers
 from helpers import one_thread  # noqa: F401 (an autouse fixture)
 import mnist_text_cfg as script
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 run_cli = functools.partial(helpers.run_cli, script.main)
