@@ -1,8 +1,9 @@
 """Text-conditioned MNIST diffusion with classifier-free guidance (SPEC section 3).
 
 A text prompt in, a handwritten digit out. A frozen text encoder turns captions such as "a photograph of
-the number 7" into token embeddings; a small 2-D UNet predicts the noise of a noised 28x28 image (Ho et al.
-2020, Eq. 14), reading the caption through cross-attention at 14x14 and 7x7 (Rombach et al. 2022, Sec. 3.3)
+the number 7" into token embeddings; a small 2-D UNet denoises a noised 28x28 image, predicting
+v = a_t eps - b_t x0 (Salimans & Ho 2022, Sec. 4; --prediction eps: the noise, Ho et al. 2020, Eq. 14),
+reading the caption through cross-attention at 14x14 and 7x7 (Rombach et al. 2022, Sec. 3.3)
 and its pooled embedding added to the time embedding (Saharia et al. 2022, Sec. 2.3). The caption is swapped
 for the empty prompt with probability 0.1, so the same network is also the unconditional model, and sampling
 mixes the two: classifier-free guidance (Ho & Salimans 2022, Eq. 6), with any sampler of common.py.
@@ -50,10 +51,11 @@ from common import UserError
 SCRIPT = "mnist_text_cfg"
 KIND = "text-unet"
 ENCODERS = ("minilm", "clip", "class")
+PREDICTIONS = ("v", "eps")  # what the UNet outputs (v: the default; see x0_model_fn)
 CLIP_MODEL_ID = "openai/clip-vit-base-patch32"
-# CFG scale of evaluation, grids, generate and sweep. After the 10-minute CPU run, w = 3 gave 98.8% prompt
-# accuracy and w = 4 99.4% (1,000 samples, one checkpoint), so 4 is the default; a lower w gives a better FID
-# (BENCHMARKS.md: the guidance sweeps)
+# CFG scale of evaluation, grids, generate and sweep. With the 10-minute CPU run of eps-prediction, w = 3 gave
+# 98.8% prompt accuracy and w = 4 99.4% (1,000 samples, one checkpoint), so 4 became the default; with v, w = 3
+# already gives 99.9% at a better FID (one checkpoint; BENCHMARKS.md: the guidance sweeps)
 DEFAULT_GUIDANCE = 4.0
 CLIP_TOKENS = 8  # SPEC: the CLIP text tower reads 8 tokens (MNIST captions are short)
 
@@ -202,17 +204,19 @@ class CrossAttention(nn.Module):
 
 
 class TextUNet(nn.Module):
-    """eps_theta(x_t, t, caption): a 2-D UNet on 28x28 images, levels at 28, 14 and 7 pixels with widths
-    `channels`, one common.ResBlock (2-D) per level on the way down and up, cross-attention to the caption
-    at every level below 28x28 and in the middle. Conditioning of the ResBlocks (FiLM): time embedding +
-    pooled caption embedding.
+    """v_theta(x_t, t, caption), or eps_theta with prediction="eps": a 2-D UNet on 28x28 images, levels at 28,
+    14 and 7 pixels with widths `channels`, one common.ResBlock (2-D) per level on the way down and up,
+    cross-attention to the caption at every level below 28x28 and in the middle. Conditioning of the
+    ResBlocks (FiLM): time embedding + pooled caption embedding.
 
-    forward(x_t (B, 1, 28, 28), t (B,), caption_ids (B,), table) -> eps_hat (B, 1, 28, 28), where `table` is
-    the caption table of caption_table() (text tokens, or caption labels for the class ablation)."""
+    forward(x_t (B, 1, 28, 28), t (B,), caption_ids (B,), table) -> v_hat or eps_hat (B, 1, 28, 28), where
+    `table` is the caption table of caption_table() (text tokens, or caption labels for the class ablation).
+    `prediction` is stored with the model (its model_args), so a checkpoint says how to read its output;
+    checkpoints from before the v default have none and predict eps."""
 
-    def __init__(self, channels=(32, 64, 64), context_dim=384, heads=1, emb_dim=128, num_labels=None):
+    def __init__(self, channels=(32, 64, 64), context_dim=384, heads=1, emb_dim=128, num_labels=None, prediction="eps"):
         super().__init__()
-        self.channels, self.emb_dim = tuple(channels), emb_dim
+        self.channels, self.emb_dim, self.prediction = tuple(channels), emb_dim, prediction
         # class ablation: a learned embedding per digit + 1 for the null condition, read as one "token"
         self.label_embedding = nn.Embedding(num_labels + 1, context_dim) if num_labels else None
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -257,15 +261,24 @@ class TextUNet(nn.Module):
         return self.head(h)
 
 
+def training_target(prediction, x0, noise, a_t, b_t):
+    """What the network learns to output for x_t = a_t x0 + b_t noise: v = a_t noise - b_t x0 (Salimans & Ho
+    2022, Sec. 4; a_t^2 + b_t^2 = 1) or the noise itself. All (B, 1, 28, 28); a_t, b_t broadcast (B, 1, 1, 1)."""
+    return a_t * noise - b_t * x0 if prediction == "v" else noise
+
+
 def x0_model_fn(model, process, table):
-    """model_fn(x_t, t, caption_ids) -> x0_hat for common.cfg_denoiser. The network predicts eps, so
-    x0_hat = (x_t - b_t eps_hat) / a_t (Ho et al. 2020, Eq. 4 solved for x0). Not clamped here: guidance
-    mixes the two predictions first (in x0 space, which at a fixed t is the same as mixing eps)."""
+    """model_fn(x_t, t, caption_ids) -> x0_hat for common.cfg_denoiser. From v: x0_hat = a_t x_t - b_t v_hat
+    (Salimans & Ho 2022, Sec. 4), well conditioned at every t. From eps: x0_hat = (x_t - b_t eps_hat) / a_t
+    (Ho et al. 2020, Eq. 4 solved for x0), where 1/a_t (2e4 at t = T with the cosine schedule) amplifies any
+    error, so the first sampler steps see almost no image: the reason v is the default (BENCHMARKS.md).
+    Not clamped here: guidance mixes the two predictions first (in x0 space, which at a fixed t is the same
+    as mixing v or eps)."""
     def model_fn(x_t, t, caption_ids):
-        eps_hat = model(x_t, t, caption_ids, table).float()
+        output = model(x_t, t, caption_ids, table).float()
         a_t = process.a.to(x_t)[t].view(-1, 1, 1, 1)
         b_t = process.b.to(x_t)[t].view(-1, 1, 1, 1)
-        return (x_t - b_t * eps_hat) / a_t
+        return a_t * x_t - b_t * output if model.prediction == "v" else (x_t - b_t * output) / a_t
     return model_fn
 
 
@@ -549,7 +562,8 @@ def parse_args(argv=None):
     add("--emb-dim", type=common.positive_int, default=128, help="time/caption embedding width")
     add("--epochs", type=common.positive_int, default=None, help="training epochs (default: as many as --max-minutes allows)")
     add("--max-minutes", type=common.nonnegative_float, default=10.0,
-        help="wall-clock training budget; the LR schedule is planned to end with it (0 = no limit, give --epochs)")
+        help="training budget in wall-clock minutes, quick evaluations, grids and checkpoints not counted; the LR "
+             "schedule is planned to end with it (0 = no limit, give --epochs)")
     add("--max-steps", type=common.positive_int, default=None, help="stop after this many optimiser steps (debugging)")
     add("--batch-size", type=common.positive_int, default=64, help="images per step per process")
     add("--lr", type=common.positive_float, default=2e-3, help="peak AdamW learning rate")
@@ -559,8 +573,12 @@ def parse_args(argv=None):
     add("--ema-decay", type=float, default=0.999, help="EMA decay of the weights (with warm-up)")
     add("--cond-drop", type=float, default=0.1, help="probability of replacing the caption by the empty prompt")
     add("--T", type=common.positive_int, default=1000, help="diffusion steps (cosine schedule)")
+    add("--prediction", choices=PREDICTIONS, default="v",
+        help="network output: v = a_t eps - b_t x0 (Salimans & Ho 2022) or eps (Ho et al. 2020); v learns the "
+             "prompt far faster in a short run (BENCHMARKS.md)")
     add("--min-snr-gamma", type=common.nonnegative_float, default=0.0,
-        help="Min-SNR loss weighting min(SNR_t, gamma) / SNR_t (Hang et al. 2023; 5 is theirs); 0 = plain eps MSE")
+        help="Min-SNR loss weighting min(SNR_t, gamma) / SNR_t for eps, / (SNR_t + 1) for v (Hang et al. 2023; "
+             "5 is theirs); 0 = plain MSE")
     add("--guidance-scale", type=common.nonnegative_float, default=DEFAULT_GUIDANCE,
         help="CFG scale w for evaluation and grids: 0 unconditional, 1 conditional, > 1 guided (lower: better FID, "
              "lower prompt accuracy; BENCHMARKS.md)")
@@ -671,7 +689,8 @@ def train(args, rank, world_size, device):
     # model, process, optimiser, EMA
     torch.manual_seed(args.seed)
     model_args = {"channels": list(args.channels), "context_dim": context_dim, "heads": args.heads,
-                  "emb_dim": args.emb_dim, "num_labels": 10 if args.text_encoder == "class" else None}
+                  "emb_dim": args.emb_dim, "num_labels": 10 if args.text_encoder == "class" else None,
+                  "prediction": args.prediction}
     model = TextUNet(**model_args).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -679,7 +698,10 @@ def train(args, rank, world_size, device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     process = common.make_process("gaussian", args.T, "cosine")
     snr = process.snr()  # (T + 1,)
-    snr_weight = (snr.clamp(max=args.min_snr_gamma) / snr).float().to(device) if args.min_snr_gamma else None
+    # Min-SNR-gamma (Hang et al. 2023, Eq. 9 and Sec. 3.4): the weight on the x0-error, min(SNR, gamma), divided
+    # by the factor that the eps-loss (SNR) or v-loss (SNR + 1) already puts on it
+    divisor = snr + 1 if args.prediction == "v" else snr
+    snr_weight = (snr.clamp(max=args.min_snr_gamma) / divisor).float().to(device) if args.min_snr_gamma else None
     network = torch.compile(model) if args.compile else model
     if dist.is_initialized():
         network = nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
@@ -701,8 +723,9 @@ def train(args, rank, world_size, device):
     progress = {"epoch": 0, "batch_index": 0, "step": 0, "elapsed": 0.0, "total_steps": step_limit}
     if existing:
         state = common.load_checkpoint(existing[-1], script=SCRIPT, kinds={KIND})
-        for key in ("text_encoder", "channels", "batch_size", "lr", "T", "min_snr_gamma", "seed", "dataset_used", "world_size"):
-            saved = state["config"].get(key, 0.0 if key == "min_snr_gamma" else None)  # older runs: plain eps MSE
+        for key in ("text_encoder", "channels", "prediction", "batch_size", "lr", "T", "min_snr_gamma", "seed",
+                    "dataset_used", "world_size"):
+            saved = state["config"].get(key, {"min_snr_gamma": 0.0, "prediction": "eps"}.get(key))  # older runs: eps MSE
             if saved != config[key]:
                 raise UserError(f"{existing[-1]} was trained with {key}={saved!r}, not {config[key]!r}")
         common.restore_training_state(state, existing[-1], model, ema, optimizer, generator)
@@ -724,8 +747,8 @@ def train(args, rank, world_size, device):
         return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - args.warmup_steps) / span)))
 
     def plan_total_steps(elapsed):
-        """With --max-minutes: the steps that fit in the budget at the speed measured so far (evaluations
-        included), capped by --epochs/--max-steps; rank 0 decides for all ranks."""
+        """With --max-minutes: the steps that fit in the budget at the training speed measured so far, capped
+        by --epochs/--max-steps; rank 0 decides for all ranks."""
         if not args.max_minutes or progress["step"] < 20:
             return progress["total_steps"]
         fit = progress["step"] + int((args.max_minutes * 60 - elapsed) / (elapsed / progress["step"]))
@@ -786,7 +809,9 @@ def train(args, rank, world_size, device):
                 stop_seen = (stop.received or "SIGTERM") if flag.item() > 0 else None
         return stop_seen
 
-    # training loop: eps-prediction MSE (Ho et al. 2020, Alg. 1) with caption dropout for CFG
+    # training loop: the MSE of v (or eps: Ho et al. 2020, Alg. 1) with caption dropout for CFG. The clock
+    # (progress["elapsed"], --max-minutes, images/s) counts training only: quick evaluations, grids and
+    # checkpoints are paused out of it
     stop = common.StopSignal()
     started = time.time() - progress["elapsed"]
     window_start, window_step = time.time(), progress["step"]
@@ -813,13 +838,15 @@ def train(args, rank, world_size, device):
                 x_t = common.q_sample(process, x0, t, noise)
                 if args.channels_last:
                     x_t = x_t.contiguous(memory_format=torch.channels_last)
+                target = training_target(args.prediction, x0, noise, process.a.to(x0)[t].view(-1, 1, 1, 1),
+                                         process.b.to(x0)[t].view(-1, 1, 1, 1))  # (B, 1, 28, 28)
                 with common.autocast(device, not args.no_amp):
-                    eps_hat = network(x_t, t, caption_ids, table).float()
-                if args.min_snr_gamma:  # Min-SNR-gamma weighting (Hang et al. 2023, Eq. 9, eps-prediction)
-                    per_image = (eps_hat - noise).pow(2).mean(dim=(1, 2, 3))  # (B,)
+                    output = network(x_t, t, caption_ids, table).float()
+                if args.min_snr_gamma:
+                    per_image = (output - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
                     loss = (per_image * snr_weight[t]).mean()
                 else:
-                    loss = F.mse_loss(eps_hat, noise)
+                    loss = F.mse_loss(output, target)
                 last_loss = common.finite_loss(loss, f"step {progress['step']}", last_checkpoint)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -851,12 +878,14 @@ def train(args, rank, world_size, device):
                         logger.log(record, step=step)
                     window_start, window_step = time.time(), step
                 if args.eval_every and step % args.eval_every == 0 and args.eval_samples and is_main:
+                    paused = time.time()
                     metrics, _ = evaluate(args.eval_samples, full=False)
                     logger.log({"eval/prompt_accuracy": metrics["prompt_accuracy"], "eval/fid": metrics["fid"],
                                 "eval/fid_floor": metrics["fid_floor"]}, step=step)
                     print(f"step {step}: prompt accuracy {metrics['prompt_accuracy']:.1%}, {metrics['fid_kind']} FID "
                           f"{metrics['fid']:.2f} (floor {metrics['fid_floor']:.2f}, {metrics['samples']} samples), "
                           f"loss {last_loss:.4f}", flush=True)
+                    started, window_start = (clock + time.time() - paused for clock in (started, window_start))
                 if stopped(stop) or step >= progress["total_steps"]:
                     break
             progress["elapsed"] = time.time() - started
@@ -867,6 +896,7 @@ def train(args, rank, world_size, device):
                     logger.finish()
                 return None
             if progress["batch_index"] >= steps_per_epoch:
+                paused = time.time()
                 progress["epoch"], progress["batch_index"] = progress["epoch"] + 1, 0
                 if is_main:
                     print(f"epoch {progress['epoch']}: step {progress['step']}, loss {last_loss:.4f}, "
@@ -874,6 +904,7 @@ def train(args, rank, world_size, device):
                     if args.grid_columns:
                         sample_grid(f"epoch-{progress['epoch']:03d}.png")
                 save_checkpoint(f"ckpt-{progress['step']:08d}.pt")
+                started, window_start = (clock + time.time() - paused for clock in (started, window_start))
     finally:
         stop.close()
     train_seconds = progress["elapsed"]

@@ -412,6 +412,7 @@ def sample_heun(predict_noise, x, sigmas, draw_noise, progress=False, steps=25, 
 
 
 SAMPLERS = {"langevin": sample_langevin, "heun": sample_heun}
+VAL_BATCH_HELP = "batch size when sampling (default: 128 on a GPU; on a CPU 32 functions at 64 px, fewer on larger grids)"
 
 
 def sampler_options(args):
@@ -608,7 +609,7 @@ def build_parser():
     add("--record-interval", type=common.positive_int, default=4, help="epochs between sample metrics (and at the end)")
     add("--Ntest", type=common.positive_int, default=256, help="samples for the metrics")
     add("--val-batch-size", type=common.positive_int, default=None,
-        help="batch size when sampling (default: 128 on a GPU; on a CPU 32 functions at 64 px, fewer on larger grids)")
+        help=VAL_BATCH_HELP)
     add("--seed", type=int, default=0, help="random seed (same seed on CPU -> same numbers)")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     add("--threads", type=common.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -862,7 +863,7 @@ def evaluate(argv):
                         help="generate: samples + statistics; plot: histograms; superres: sample at 2x resolution")
     parser.add_argument("--Ntest", type=common.positive_int, default=1024, help="samples to generate")
     parser.add_argument("--val-batch-size", type=common.positive_int, default=None,
-                        help="batch size when sampling (default: 128 on a GPU; on a CPU 32 functions at 64 px, fewer on larger grids)")
+                        help=VAL_BATCH_HELP)
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="sampler (default: the run's)")
     parser.add_argument("--steps", type=common.positive_int, default=None, help="Heun steps (default: the run's)")
     parser.add_argument("--T", type=common.positive_int, default=None, help="Langevin steps per level (default: the run's)")

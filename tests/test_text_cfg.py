@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -242,6 +243,17 @@ def test_max_minutes_ends_the_run_when_the_budget_is_spent(tmp_path, data_dir):
     assert results["steps"] == 20
 
 
+def test_the_training_clock_leaves_out_quick_evaluations_and_grids(tmp_path, data_dir, monkeypatch):
+    """--max-minutes and train_seconds count training only: each sampling call here sleeps 2 s (4 quick
+    evaluations and 2 grids: 12 s), the 8 tiny training steps take a fraction of a second."""
+    real_sample_images = script.sample_images
+    monkeypatch.setattr(script, "sample_images", lambda *a, **k: time.sleep(2) or real_sample_images(*a, **k))
+    results = script.main(tiny_args(tmp_path / "run", data_dir, "--text-encoder", "class", "--eval-every", "2",
+                                    "--eval-samples", "10", "--grid-columns", "1"))
+    assert results["steps"] == 8
+    assert results["train_seconds"] < 6
+
+
 def test_class_ablation_trains_generates_and_refuses_prompts_without_a_digit(tmp_path, data_dir, capsys):
     outdir = tmp_path / "class"
     script.main(tiny_args(outdir, data_dir, "--text-encoder", "class", "--final-samples", "20", "--heldout-samples", "60"))
@@ -381,12 +393,44 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, data_dir, capsys):
         assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("prediction", script.PREDICTIONS)
+def test_targets_and_x0_readout_agree_and_the_loss_is_snr_weighted_x0_error(prediction):
+    """The exact target read back through x0_model_fn gives x0 exactly; for any output, the MSE to the target
+    is SNR_t (eps) or SNR_t + 1 (v) times the squared x0 error: the factor that Min-SNR divides out."""
+    process = common.make_process("gaussian", 1000, "cosine")
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 1, 28, 28, generator=generator) * 2 - 1
+    noise = torch.randn(6, 1, 28, 28, generator=generator)
+    t = torch.tensor([1, 10, 200, 500, 800, 999])
+    a_t, b_t = process.a[t].view(-1, 1, 1, 1).float(), process.b[t].view(-1, 1, 1, 1).float()
+    x_t = common.q_sample(process, x0, t, noise)
+    target = script.training_target(prediction, x0, noise, a_t, b_t)
+    output = target + 0.1 * torch.randn(target.shape, generator=generator)
+
+    class Fixed(torch.nn.Module):  # a "network" that returns the given tensor
+        def __init__(self, value):
+            super().__init__()
+            self.value, self.prediction = value, prediction
+
+        def forward(self, x, t, caption_ids, table):
+            return self.value
+
+    ids = torch.zeros(6, dtype=torch.long)
+    torch.testing.assert_close(script.x0_model_fn(Fixed(target), process, None)(x_t, t, ids), x0, rtol=0, atol=2e-4)
+    x0_error = (script.x0_model_fn(Fixed(output), process, None)(x_t, t, ids) - x0).pow(2).mean(dim=(1, 2, 3))
+    snr = process.snr()[t].float()
+    factor = snr + 1 if prediction == "v" else snr
+    torch.testing.assert_close((output - target).pow(2).mean(dim=(1, 2, 3)), factor * x0_error, rtol=1e-3, atol=1e-7)
+
+
 def test_min_snr_weighting_is_the_plain_loss_when_gamma_caps_nothing(tmp_path, data_dir):
     """Min-SNR-gamma (Hang et al. 2023) weights each image's eps MSE by min(SNR_t, gamma) / SNR_t: with a gamma
     above every SNR of the schedule all weights are 1 and training equals the plain loss (up to summation
-    order); with gamma = 5 the low-noise steps count less and the weights move differently."""
+    order); with gamma = 5 the low-noise steps count less and the weights move differently. (With v the
+    uncapped weight is SNR_t / (SNR_t + 1), not 1: the test above checks that factor.)"""
     def trained(name, *extra):
-        assert run_cli(tiny_args(tmp_path / name, data_dir, "--text-encoder", "class", "--epochs", "1", *extra)) == 0
+        assert run_cli(tiny_args(tmp_path / name, data_dir, "--text-encoder", "class", "--epochs", "1",
+                                 "--prediction", "eps", *extra)) == 0
         return torch.load(tmp_path / name / "checkpoints" / "final.pt", weights_only=True)["model"]
     plain, uncapped, capped = trained("plain"), trained("uncapped", "--min-snr-gamma", "1e12"), trained("snr5", "--min-snr-gamma", "5")
     process = common.make_process("gaussian", 1000, "cosine")
