@@ -271,7 +271,7 @@ def x0_model_fn(model, process, table):
     """model_fn(x_t, t, caption_ids) -> x0_hat for common.cfg_denoiser. From v: x0_hat = a_t x_t - b_t v_hat
     (Salimans & Ho 2022, Sec. 4), well conditioned at every t. From eps: x0_hat = (x_t - b_t eps_hat) / a_t
     (Ho et al. 2020, Eq. 4 solved for x0), where 1/a_t (2e4 at t = T with the cosine schedule) amplifies any
-    error, so the first sampler steps see almost no image: the reason v is the default (BENCHMARKS.md).
+    error, so the first sampler steps see almost no image: the likely reason v learns faster (BENCHMARKS.md).
     Not clamped here: guidance mixes the two predictions first (in x0 space, which at a fixed t is the same
     as mixing v or eps)."""
     def model_fn(x_t, t, caption_ids):
