@@ -225,14 +225,14 @@ def make_process(noise, T, schedule="cosine", beta_start=1e-4, beta_end=2e-2):
     raise UserError(f"unknown noise {noise!r} (gaussian, convex)")
 
 
-def _at(values, t, like):
+def at_timestep(values, t, like):
     """Gather values[t] for a (B,) index tensor and shape it (B, 1, ..., 1) to broadcast with `like`."""
     return values.to(like.device)[t].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
 def q_sample(process, x0, t, noise):
     """Forward process x_t = a_t x0 + b_t eps. x0, noise: (B, ...); t: (B,) long."""
-    return _at(process.a, t, x0) * x0 + _at(process.b, t, x0) * noise
+    return at_timestep(process.a, t, x0) * x0 + at_timestep(process.b, t, x0) * noise
 
 
 def posterior(process, x0, x_t, t, s):
@@ -243,7 +243,7 @@ def posterior(process, x0, x_t, t, s):
       var  = sigma2_{t|s} b_s^2 / b_t^2
     Valid for any process whose SNR a^2/b^2 decreases in t (both of ours). t, s: (B,) long."""
     a, b = process.a, process.b
-    a_t, b_t, a_s, b_s = _at(a, t, x0), _at(b, t, x0), _at(a, s, x0), _at(b, s, x0)
+    a_t, b_t, a_s, b_s = at_timestep(a, t, x0), at_timestep(b, t, x0), at_timestep(a, s, x0), at_timestep(b, s, x0)
     alpha_ts = a_t / a_s
     sigma2_ts = b_t**2 - alpha_ts**2 * b_s**2
     mean = alpha_ts * b_s**2 / b_t**2 * x_t + a_s * sigma2_ts / b_t**2 * x0
@@ -270,7 +270,7 @@ def vlb_terms(process, x0, x0_pred, t, decoder_constant=True):
     t >= 2: the Gaussian KL above; t = 1: the decoder negative log-likelihood, with its constant
     0.5 * dims * log(2 pi b_1^2) unless decoder_constant=False (a training loss has no use for it).
     Differentiable in x0_pred. x0, x0_pred: (B, ...); t: (B,) long in 1..T."""
-    weights = _at(vlb_weights(process), t, x0).flatten()
+    weights = at_timestep(vlb_weights(process), t, x0).flatten()
     squared_error = (x0 - x0_pred).pow(2).flatten(1).sum(1)
     if not decoder_constant:
         return weights * squared_error
@@ -330,7 +330,7 @@ def sample_ddim(denoise, x, process, steps, generator=None, progress=False, eta=
     for t, s in zip(tqdm_maybe(times[:-1], progress), times[1:]):
         t_batch, s_batch = _time_batch(t, x), _time_batch(s, x)
         x0_hat = denoise(x, t_batch)
-        a_t, b_t, a_s, b_s = (_at(v, i, x) for v, i in
+        a_t, b_t, a_s, b_s = (at_timestep(v, i, x) for v, i in
                               ((process.a, t_batch), (process.b, t_batch), (process.a, s_batch), (process.b, s_batch)))
         eps_hat = (x - a_t * x0_hat) / b_t
         sigma2 = eta**2 * (b_t**2 - (a_t / a_s) ** 2 * b_s**2) * b_s**2 / b_t**2

@@ -276,8 +276,7 @@ def x0_model_fn(model, process, table):
     as mixing v or eps)."""
     def model_fn(x_t, t, caption_ids):
         output = model(x_t, t, caption_ids, table).float()
-        a_t = process.a.to(x_t)[t].view(-1, 1, 1, 1)
-        b_t = process.b.to(x_t)[t].view(-1, 1, 1, 1)
+        a_t, b_t = common.at_timestep(process.a, t, x_t), common.at_timestep(process.b, t, x_t)  # (B, 1, 1, 1)
         return a_t * x_t - b_t * output if model.prediction == "v" else (x_t - b_t * output) / a_t
     return model_fn
 
@@ -838,8 +837,8 @@ def train(args, rank, world_size, device):
                 x_t = common.q_sample(process, x0, t, noise)
                 if args.channels_last:
                     x_t = x_t.contiguous(memory_format=torch.channels_last)
-                target = training_target(args.prediction, x0, noise, process.a.to(x0)[t].view(-1, 1, 1, 1),
-                                         process.b.to(x0)[t].view(-1, 1, 1, 1))  # (B, 1, 28, 28)
+                target = training_target(args.prediction, x0, noise, common.at_timestep(process.a, t, x0),
+                                         common.at_timestep(process.b, t, x0))  # (B, 1, 28, 28)
                 with common.autocast(device, not args.no_amp):
                     output = network(x_t, t, caption_ids, table).float()
                 if args.min_snr_gamma:

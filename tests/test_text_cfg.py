@@ -16,9 +16,8 @@ from PIL import Image
 
 import common
 import helpers
-from helpers import one_thread  # noqa: F401 (an autouse fixture)
+from helpers import ROOT, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 import mnist_text_cfg as script
-from helpers import ROOT
 
 
 run_cli = functools.partial(helpers.run_cli, script.main)
