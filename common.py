@@ -5,7 +5,8 @@ Sections, top to bottom:
   device, seeding, rng     pick_device, seed_everything, rng_state / set_rng_state
   schedules and processes  linear_beta_schedule, cosine_alpha_bar, Process, gaussian_process, convex_process
   diffusion maths          q_sample, posterior, vlb_terms, prior_kl
-  samplers                 sample_ddpm, sample_ddim, sample_dpmpp_2m (one signature), cfg_denoiser
+  samplers                 sample_ddpm, sample_ddim, sample_dpmpp_2m (one signature; SAMPLERS also has its
+                           SDE form 'dpmpp-sde'), cfg_denoiser
   building blocks          timestep_embedding, FiLM, ResBlock (1-D and 2-D), UNet1d, EMA
   metrics                  frechet_distance, frechet_distance_or_reason
   checkpoints              save_checkpoint (atomic), load_checkpoint (weights_only, checked metadata)
@@ -18,6 +19,7 @@ Conventions: a process is x_t = a_t * x0 + b_t * eps for integer t in 0..T, with
 Every sampler takes a denoiser `denoise(x_t, t) -> x0_hat`, where t is a (B,) long tensor.
 """
 import argparse
+import functools
 import gzip
 import hashlib
 import json
@@ -341,11 +343,14 @@ def sample_ddim(denoise, x, process, steps, generator=None, progress=False, eta=
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoise, x, process, steps, generator=None, progress=False):
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data prediction, lambda = log(a / b).
+def sample_dpmpp_2m(denoise, x, process, steps, generator=None, progress=False, eta=0.0):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data prediction, lambda = log(a / b); eta = 1 is its SDE
+    form (SDE-DPM-Solver++(2M), Sec. 5 there; k-diffusion's dpmpp_2m_sde, midpoint), whose first-order
+    step is DDPM's posterior step.
 
-    x_s = (b_s / b_t) x_t - a_s (e^{-h} - 1) D, with D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1},
-    r = h_prev / h; first order on the first step and on the final step to t = 0."""
+    x_s = (b_s / b_t) e^{-eta h} x_t + a_s (1 - e^{-(1 + eta) h}) D + b_s sqrt(1 - e^{-2 eta h}) z,
+    D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}, r = h_prev / h; first order on the first step, x0_hat on the
+    final step to t = 0. eta = 0 is the probability-flow ODE: x_s = (b_s / b_t) x_t - a_s (e^{-h} - 1) D."""
     times = sampling_timesteps(process.T, steps)
     a, b = process.a, process.b
     lam = torch.log(a / b)  # (T+1,), +inf at t = 0, -inf where a = 0
@@ -362,12 +367,15 @@ def sample_dpmpp_2m(denoise, x, process, steps, generator=None, progress=False):
         else:
             r = previous_h / h
             data = (1 + 1 / (2 * r)) * x0_hat - 1 / (2 * r) * previous_x0
-        x = (b[s] / b[t]).item() * x - a[s].item() * (exp_neg_h - 1) * data
+        x = (b[s] / b[t]).item() * exp_neg_h**eta * x + a[s].item() * (1 - exp_neg_h ** (1 + eta)) * data
+        if eta > 0:
+            x = x + b[s].item() * math.sqrt(1 - exp_neg_h ** (2 * eta)) * _gaussian_like(x, generator)
         previous_x0, previous_h = x0_hat, h
     return x
 
 
-SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp": sample_dpmpp_2m}
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp": sample_dpmpp_2m,
+            "dpmpp-sde": functools.partial(sample_dpmpp_2m, eta=1.0)}
 
 
 def cfg_denoiser(model_fn, cond, null_cond, guidance_scale):

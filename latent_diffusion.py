@@ -97,8 +97,7 @@ def x0_denoiser(model, process, bound=None):
     otherwise turn a few of them into far-out latents that decode to blobs."""
     def denoise(z_t, t):
         eps_hat = model(z_t, t).float()
-        a_t = process.a.to(z_t)[t].unsqueeze(1)  # (B, 1)
-        b_t = process.b.to(z_t)[t].unsqueeze(1)
+        a_t, b_t = common.at_timestep(process.a, t, z_t), common.at_timestep(process.b, t, z_t)  # (B, 1)
         x0_hat = (z_t - b_t * eps_hat) / a_t
         return x0_hat if bound is None else torch.clamp(x0_hat, -bound, bound)
     return denoise

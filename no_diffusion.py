@@ -186,8 +186,9 @@ def grf_functions(count, seed, resolution, scale=0.1):
 
 
 def phase_to_functions(phase, resolution, crop):
-    """Phases (N, S, S) -> (cos, sin) (N, 2, R - crop, R - crop): resized to R (bilinear, as the reference),
-    then `crop` pixels cut from the bottom and right (the reference cuts 8 to get 120 px from 128)."""
+    """Phases (N, S, S) -> (cos, sin) (N, 2, R - crop, R - crop): the whole field resampled to R x R
+    (bilinear), so every grid size covers the same domain (what super-resolution compares), then `crop`
+    pixels cut from the bottom and right (the reference cuts 128 px to 120: --resolution 128 --crop 8)."""
     functions = torch.stack([torch.cos(phase), torch.sin(phase)], dim=1)
     if functions.shape[-1] != resolution:
         functions = F.interpolate(functions, size=(resolution, resolution), mode="bilinear",
@@ -213,12 +214,11 @@ def load_functions(dataset, resolution, crop=0, n_functions=4096, val_size=0.1, 
                 functions, reason = torch.load(path, weights_only=True).float(), f"cached in {path}"
             except Exception as error:
                 print(f"cache {path} unreadable ({type(error).__name__}); regenerating it")
+        generate = lambda count, seed: (grf_functions(count, seed, resolution) if dataset == "grf" else
+                                        phase_to_functions(synthetic_volcano_phase(count, seed), resolution, 0))
         if functions is None:
             start = time.time()
-            if dataset == "grf":
-                functions = grf_functions(n_functions, seed, resolution)
-            else:
-                functions = phase_to_functions(synthetic_volcano_phase(n_functions, seed), resolution, 0)
+            functions = generate(n_functions, seed)
             reason = f"generated in {time.time() - start:.1f} s"
             try:
                 common.prepare_outdir(data_dir)
@@ -235,6 +235,10 @@ def load_functions(dataset, resolution, crop=0, n_functions=4096, val_size=0.1, 
     order = torch.randperm(count, generator=torch.Generator().manual_seed(0))
     data = {"train": functions[order[:count - held_out_count]], "held_out": functions[order[count - held_out_count:]],
             "name": dataset, "reason": reason}
+    if dataset != "volcano":  # fresh functions of the same law for floors of many samples: another stream (torch
+        # seeds its CPU generator with the seed's low 32 bits, so the seed must differ from --seed modulo 2^32)
+        fresh_seed = (seed + 2**31) % 2**32
+        data["more"] = lambda extra: generate(extra, fresh_seed).half().float()[..., :resolution - crop, :resolution - crop]
     print(f"dataset: {dataset} ({len(data['train'])} train / {len(data['held_out'])} held out, "
           f"{functions.shape[-1]}x{functions.shape[-1]} px): {reason}")
     return data
@@ -483,9 +487,16 @@ def function_metrics(generated, reference_functions, reference_stats=None):
 
 def real_floor(data, count, reference_stats=None):
     """The metrics of `count` held-out functions against the training set: what a perfect sampler scores
-    with that many samples (the real-vs-real floor)."""
-    count = min(count, len(data["held_out"]))
-    floor = function_metrics(data["held_out"][:count], data["train"], reference_stats)
+    with that many samples (the real-vs-real floor; it falls as the count grows, so the counts must match).
+    A generated data set tops the held-out split up with fresh functions; real data cannot, and say so."""
+    held_out = data["held_out"]
+    if count > len(held_out) and "more" in data:
+        held_out = torch.cat([held_out, data["more"](count - len(held_out))])
+    elif count > len(held_out):
+        print(f"floor: only {len(held_out)} held-out functions for {count} samples; the floor is measured with "
+              f"{len(held_out)}, so it is higher than a {count}-sample floor and flatters the samples")
+    count = min(count, len(held_out))
+    floor = function_metrics(held_out[:count], data["train"], reference_stats)
     floor["count"] = count
     return floor
 

@@ -9,7 +9,8 @@ end, then reads its results.json:
   - held-out prompt accuracy (templates never seen in training)          target >= 90%
   - classifier ("lenet") FID beside its same-N floor (real train vs test images, same count)
 and then samples the same checkpoint with DPM-Solver++ 20 steps and with 1000-step DDPM (same prompts, same
-guidance, same seed): target within 1 point of prompt accuracy and 10% of classifier FID.
+guidance, same seed): target within 1 point of prompt accuracy and 10% of classifier FID; DPM-Solver++'s SDE
+form (`--sampler dpmpp-sde`, 20 steps) is scored beside them.
 Prints calibration_line() (bench/calibration.py) beside the times, writes <outdir>/bench.json and a Markdown table.
 Extra arguments after `--` go to mnist_text_cfg.py (e.g. `-- --epochs 3 --max-minutes 0`).
 """
@@ -82,7 +83,7 @@ def main():
     table = mnist_text_cfg.table_to(mnist_text_cfg.caption_table(meta["text_encoder"], meta.get("text_encoder_path"),
                                                                  mnist_text_cfg.train_captions(), args.data_dir), device)
     compare = {}
-    for sampler, steps in (("dpmpp", 20), ("ddpm", 1000)) if args.compare_samples else ():
+    for sampler, steps in (("dpmpp", 20), ("dpmpp-sde", 20), ("ddpm", 1000)) if args.compare_samples else ():
         metrics, _ = evaluator(model, process, table, len(mnist_text_cfg.train_captions()) - 1, args.compare_samples, 0,
                                results["guidance_scale"], sampler, steps, seed=7, full=False)
         compare[f"{sampler}-{steps}"] = {k: metrics[k] for k in ("prompt_accuracy", "fid", "fid_floor", "samples",
@@ -115,6 +116,10 @@ def main():
                   verdict(abs(few["prompt_accuracy"] - many["prompt_accuracy"]) <= 0.01)),
                  ("DPM++ 20 vs DDPM 1000: classifier FID", f"{few['fid']:.2f} vs {many['fid']:.2f}", "within 10%",
                   verdict(few["fid"] <= 1.1 * many["fid"]))]
+        sde = compare["dpmpp-sde-20"]
+        rows += [("DPM++ SDE 20 (`--sampler dpmpp-sde`) vs DDPM 1000: accuracy / classifier FID",
+                  f"{sde['prompt_accuracy']:.1%} / {sde['fid']:.2f}", "within 1 point / 10%",
+                  verdict(abs(sde["prompt_accuracy"] - many["prompt_accuracy"]) <= 0.01 and sde["fid"] <= 1.1 * many["fid"]))]
     print(f"\n{calibration}; {bench['threads']} thread(s){', shared machine' if args.shared else ''}; "
           f"end-to-end wall time {wall / 60:.1f} min\n")
     print("| measure | value | target / reference | |\n|---|---|---|---|")

@@ -389,7 +389,8 @@ def toy_denoiser(process, calls=None):
 def exact_output_law(name, sampler, steps, eta, T=1000):
     """Mean and variance of the sampler's output when x_T ~ N(0, b_T^2) and the denoiser is the exact
     (linear) E[x0|x_t]: every update is affine in x plus independent Gaussian noise, so the law is
-    propagated exactly in float64 from the papers' update rules (Ho Alg. 2 / Song Eq. 12 / Lu Alg. 2).
+    propagated exactly in float64 from the papers' update rules (Ho Alg. 2 / Song Eq. 12 / Lu Alg. 2, and its
+    SDE form, Lu Sec. 5, for DPM-Solver++ with eta = 1).
     Its distance to (TOY_M, TOY_V) is the sampler's discretisation error, free of sampling noise."""
     a, b = np_process(name, T)
     times = np.round(np.linspace(T, 0, steps + 1)).astype(int)
@@ -405,10 +406,11 @@ def exact_output_law(name, sampler, steps, eta, T=1000):
             c = a[s] - c_x * a[t]
             mean, var = (c_x + c * k) * mean + c * d, (c_x + c * k) ** 2 * var + (sigma2 if s > 0 else 0.0)
         return mean, var
-    # DPM-Solver++(2M): deterministic, so x and the previous x0-prediction are affine in x_T: (slope, offset)
+    # DPM-Solver++(2M), eta = 0 (the ODE) or 1 (its SDE form): x and the previous x0-prediction are affine in
+    # independent standard normals u = (x_T / b_T, z_1, ..., z_steps): (coefficients on u, offset)
     lam = lambda i: math.log(a[i] / b[i]) if a[i] > 0 else -math.inf
-    x, previous, previous_h = (1.0, 0.0), None, None
-    for t, s in zip(times[:-1], times[1:]):
+    x, previous, previous_h = (b[T] * np.eye(steps + 1)[0], 0.0), None, None
+    for j, (t, s) in enumerate(zip(times[:-1], times[1:])):
         k = gains[t]
         D = (k * x[0], k * x[1] + TOY_M - k * a[t] * TOY_M)
         if s == 0:
@@ -421,21 +423,24 @@ def exact_output_law(name, sampler, steps, eta, T=1000):
             r = previous_h / h
             data = tuple((1 + 1 / (2 * r)) * u - 1 / (2 * r) * w for u, w in zip(D, previous))
         e = b[s] * a[t] / (a[s] * b[t])  # e^{-h}
-        x = tuple(b[s] / b[t] * u - a[s] * (e - 1) * w for u, w in zip(x, data))
+        x = tuple(b[s] / b[t] * e**eta * u + a[s] * (1 - e ** (1 + eta)) * w for u, w in zip(x, data))
+        x[0][j + 1] += b[s] * math.sqrt(1 - e ** (2 * eta))  # the step's own noise z_{j+1} (none for eta = 0)
         previous, previous_h = D, h
-    return x[1], x[0] ** 2 * b[T] ** 2
+    return x[1], float((x[0] ** 2).sum())
 
 
 # (label, function, steps, options, allowance): the allowance bounds |exact law - target| in variance,
 # measured with exact_output_law (cosine / convex): DDPM-1000 0.0020/0.0018, DDPM-100 0.0173/0.0160,
-# DDIM-50 0.0153/0.0144, DDIM(eta=1)-1000 = DDPM-1000, DPM++2M-20 0.0015/0.0055. The DDPM and DDIM
-# deficits are the known under-dispersion of the q-posterior variance / first-order steps.
+# DDIM-50 0.0153/0.0144, DDIM(eta=1)-1000 = DDPM-1000, DPM++2M-20 0.0015/0.0055, its SDE form at 20 steps
+# +0.0159/+0.0256 (DDPM at 20 steps: -0.063). The DDPM and DDIM deficits are the known under-dispersion of the
+# q-posterior variance / first-order steps.
 SAMPLER_CASES = [
     ("ddpm-1000", sample_ddpm, 1000, {}, 0.005),
     ("ddpm-100", sample_ddpm, 100, {}, 0.02),
     ("ddim-eta0-50", sample_ddim, 50, {"eta": 0.0}, 0.02),
     ("ddim-eta1-1000", sample_ddim, 1000, {"eta": 1.0}, 0.005),
     ("dpmpp2m-20", sample_dpmpp_2m, 20, {}, 0.008),
+    ("dpmpp2m-sde-20", sample_dpmpp_2m, 20, {"eta": 1.0}, 0.03),
 ]
 
 
@@ -465,10 +470,11 @@ def test_sampler_recovers_toy_gaussian(name, label, sampler, steps, options, all
 
 # every sampler on the linear schedule at several T (steps None = T): with the betas scaled by 1000 / T
 # the output law's distance to the target (measured with exact_output_law: mean <= 0.0046, variance
-# deficit <= 0.031, except DDPM with 50 steps at T = 50, 0.053: few large ancestral steps under-disperse)
-# is within the allowance; unscaled, T = 100 started at a_T = 0.60 and the mean was off by ~0.5.
+# deficit <= 0.031, except DDPM with 50 steps at T = 50, 0.053: few large ancestral steps under-disperse;
+# SDE-DPM-Solver++ with 20 steps over-disperses by 0.048 at T = 50, by <= 0.014 elsewhere) is within the allowance; unscaled, T = 100 started at a_T = 0.60 and the mean was off by ~0.5.
 ANY_T_CASES = [("ddpm", sample_ddpm, None, {}), ("ddim-eta0", sample_ddim, 50, {"eta": 0.0}),
-               ("ddim-eta0.5", sample_ddim, None, {"eta": 0.5}), ("dpmpp2m", sample_dpmpp_2m, 20, {})]
+               ("ddim-eta0.5", sample_ddim, None, {"eta": 0.5}), ("dpmpp2m", sample_dpmpp_2m, 20, {}),
+               ("dpmpp2m-sde", sample_dpmpp_2m, 20, {"eta": 1.0})]
 
 
 @pytest.mark.parametrize("T", [50, 100, 200, 1000])
@@ -507,6 +513,24 @@ def test_ddim_eta1_is_ddpm(name, steps):
     assert (other - ddim).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("name", ["gaussian-cosine", "convex"])
+def test_dpmpp_sde_first_order_step_is_ddpm(name):
+    """SDE-DPM-Solver++'s first-order step is DDPM's posterior step (Lu et al. 2022, Sec. 5): with 2 steps (one
+    first-order step, then x0_hat at the final step) both draw the same noise and agree path by path, and
+    registered as 'dpmpp-sde' it is that sampler; with more steps the 2M correction makes them differ."""
+    process = build_process(name)
+    x = process.b[-1].item() * torch.randn(500, 4, generator=torch.Generator().manual_seed(7))
+    run = lambda sampler, steps, **options: sampler(toy_denoiser(process), x, process, steps,
+                                                    generator=torch.Generator().manual_seed(8), **options)
+    torch.testing.assert_close(run(sample_dpmpp_2m, 2, eta=1.0), run(sample_ddpm, 2), rtol=0, atol=1e-5)
+    assert torch.equal(run(common.SAMPLERS["dpmpp-sde"], 20), run(sample_dpmpp_2m, 20, eta=1.0))
+    assert (run(sample_dpmpp_2m, 20, eta=1.0) - run(sample_ddpm, 20)).abs().max() > 1e-2
+    # the scheme converges: its exact output law's variance error falls with the steps (0.016 / 0.026 at
+    # 20 steps, 0.0014 / 0.0012 at 160 for cosine / convex; a wrong 2M coefficient stalls near -0.005)
+    errors = [exact_output_law(name, "dpmpp2m", steps, 1.0)[1] - TOY_V for steps in (20, 40, 80, 160)]
+    assert all(abs(later) < abs(earlier) for earlier, later in zip(errors, errors[1:])) and abs(errors[-1]) < 0.002
+
+
 def test_ddim_eta0_and_dpmpp_are_deterministic():
     process = gaussian_process(100)
     x = process.b[-1].item() * torch.randn(50, 1, generator=torch.Generator().manual_seed(10))
@@ -521,7 +545,7 @@ def test_ddim_eta0_and_dpmpp_are_deterministic():
 # check, and the tensors live on the 'meta' device (shapes only): the noise must be drawn on the
 # generator's device and moved to the tensors'.
 DEVICE_CASES = [("ddpm", sample_ddpm, {}), ("ddim-eta1", sample_ddim, {"eta": 1.0}), ("ddim-eta0", sample_ddim, {}),
-                ("dpmpp2m", sample_dpmpp_2m, {})]
+                ("dpmpp2m", sample_dpmpp_2m, {}), ("dpmpp2m-sde", sample_dpmpp_2m, {"eta": 1.0})]
 
 
 @pytest.mark.parametrize("label,sampler,options", DEVICE_CASES, ids=[c[0] for c in DEVICE_CASES])
@@ -543,7 +567,7 @@ def test_samplers_work_with_any_generator_and_tensor_device(monkeypatch, label, 
     x = torch.ones(4, 3, device=tensor_device)
     out = sampler(lambda x, t: 0.5 * x, x, process, 10, generator=generator, **options)
     assert out.device.type == tensor_device and out.shape == (4, 3)
-    stochastic = label in ("ddpm", "ddim-eta1")
+    stochastic = label in ("ddpm", "ddim-eta1", "dpmpp2m-sde")
     assert len(draws) == (9 if stochastic else 0)  # one draw per step, none on the final step to t = 0
     if with_generator:
         assert set(draws) <= {"cpu"}
@@ -556,7 +580,8 @@ def test_samplers_work_with_any_generator_and_tensor_device(monkeypatch, label, 
 # 7. the final step returns x0_hat, no noise added
 
 FINAL_CASES = [("ddpm", sample_ddpm, {}), ("ddim-eta0", sample_ddim, {"eta": 0.0}),
-               ("ddim-eta1", sample_ddim, {"eta": 1.0}), ("dpmpp2m", sample_dpmpp_2m, {})]
+               ("ddim-eta1", sample_ddim, {"eta": 1.0}), ("dpmpp2m", sample_dpmpp_2m, {}),
+               ("dpmpp2m-sde", sample_dpmpp_2m, {"eta": 1.0})]
 
 
 @pytest.mark.parametrize("name", ["gaussian-cosine", "convex"])
@@ -622,7 +647,8 @@ def test_cfg_denoiser_guidance_formula(w):
 
 
 CFG_CASES = [("ddpm-200", sample_ddpm, 200, {}), ("ddim-eta0-50", sample_ddim, 50, {}),
-             ("ddim-eta1-200", sample_ddim, 200, {"eta": 1.0}), ("dpmpp2m-20", sample_dpmpp_2m, 20, {})]
+             ("ddim-eta1-200", sample_ddim, 200, {"eta": 1.0}), ("dpmpp2m-20", sample_dpmpp_2m, 20, {}),
+             ("dpmpp2m-sde-20", sample_dpmpp_2m, 20, {"eta": 1.0})]
 
 
 @pytest.mark.parametrize("label,sampler,steps,options", CFG_CASES, ids=[c[0] for c in CFG_CASES])

@@ -155,6 +155,26 @@ def test_volcano_reader(tmp_path):
     assert functions.shape == (3, 2, 120, 120)
 
 
+def test_the_floor_has_as_many_functions_as_samples(tmp_path, capsys):
+    """Past the held-out split, a generated set draws fresh functions of the same law (not copies of the
+    split, the same ones every time); real data cannot, and its floor says with how many it was measured."""
+    data = no_diffusion.load_functions("synthetic-volcano", 16, 2, 40, 0.25, str(tmp_path))
+    stats = no_diffusion.circular_statistics(data["train"])
+    floor = no_diffusion.real_floor(data, 25, stats)
+    assert floor["count"] == 25 and no_diffusion.real_floor(data, 6, stats)["count"] == 6
+    fresh = data["more"](15)
+    assert fresh.shape == (15, 2, 14, 14) and torch.equal(fresh, data["more"](15))
+    for name in ("synthetic-volcano", "grf"):  # none is a copy of the set's functions, also when drawing more of them
+        functions = no_diffusion.load_functions(name, 16, 0, 40, 0.25, str(tmp_path))
+        everything = torch.cat([functions["train"], functions["held_out"]]).flatten(1)
+        assert torch.cdist(functions["more"](60).flatten(1), everything).min() > 0.1
+    assert floor == no_diffusion.real_floor(data, 25, stats)
+    assert floor == {**no_diffusion.function_metrics(torch.cat([data["held_out"], fresh]), data["train"], stats), "count": 25}
+    real = {key: data[key] for key in ("train", "held_out")}                 # volcano-like: no fresh functions
+    assert no_diffusion.real_floor(real, 25, stats)["count"] == 10
+    assert "only 10 held-out functions for 25 samples" in capsys.readouterr().out
+
+
 def one_line_error(capsys, argv):
     status = run_cli(argv)
     lines = capsys.readouterr().err.strip().splitlines()
