@@ -401,7 +401,7 @@ def test_targets_and_x0_readout_agree_and_the_loss_is_snr_weighted_x0_error(pred
     x0 = torch.rand(6, 1, 28, 28, generator=generator) * 2 - 1
     noise = torch.randn(6, 1, 28, 28, generator=generator)
     t = torch.tensor([1, 10, 200, 500, 800, 999])
-    a_t, b_t = process.a[t].view(-1, 1, 1, 1).float(), process.b[t].view(-1, 1, 1, 1).float()
+    a_t, b_t = common.at_timestep(process.a, t, x0), common.at_timestep(process.b, t, x0)  # (6, 1, 1, 1)
     x_t = common.q_sample(process, x0, t, noise)
     target = script.training_target(prediction, x0, noise, a_t, b_t)
     output = target + 0.1 * torch.randn(target.shape, generator=generator)
