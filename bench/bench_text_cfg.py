@@ -9,8 +9,9 @@ end, then reads its results.json:
   - held-out prompt accuracy (templates never seen in training)          target >= 90%
   - classifier ("lenet") FID beside its same-N floor (real train vs test images, same count)
 and then samples the same checkpoint with DPM-Solver++ 20 steps and with 1000-step DDPM (same prompts, same
-guidance, same seed): target within 1 point of prompt accuracy and 10% of classifier FID; DPM-Solver++'s SDE
-form (`--sampler dpmpp-sde`, 20 steps) is scored beside them.
+guidance, same seeds; `--compare-seeds N` averages N sampling seeds): target within 1 point of prompt accuracy
+and 10% of classifier FID. The SDE forms of DPM-Solver++(2M) and (3M) (`--sampler dpmpp-sde`, `dpmpp-3m-sde`,
+20 steps) are scored beside them.
 Prints calibration_line() (bench/calibration.py) beside the times, writes <outdir>/bench.json and a Markdown table.
 Extra arguments after `--` go to mnist_text_cfg.py (e.g. `-- --epochs 3 --max-minutes 0`).
 """
@@ -47,6 +48,8 @@ def main():
     parser.add_argument("--compare-samples", type=int, default=200,
                         help="samples of the DPM-Solver++ 20 vs DDPM 1000 comparison (0 = skip it; below "
                              f"{MIN_COMPARE_SAMPLES} it is printed but not judged)")
+    parser.add_argument("--compare-seeds", type=common.positive_int, default=1,
+                        help="sampling seeds (7, 8, ...) of that comparison; each sampler's mean over them is judged")
     parser.add_argument("--shared", action="store_true", help="record that the machine was shared with other jobs")
     args, extra = parser.parse_known_args()
     if args.compare_samples < 0:
@@ -71,7 +74,7 @@ def main():
     with open(os.path.join(run_dir, "results.json")) as file:
         results = json.load(file)
 
-    # the same checkpoint, DPM-Solver++ 20 steps vs DDPM 1000 steps, same prompts, guidance and seed
+    # the same checkpoint, DPM-Solver++ 20 steps (ODE and SDE forms) vs DDPM 1000 steps, same prompts, guidance and seeds
     if args.threads:
         torch.set_num_threads(args.threads)
     device = common.pick_device("auto")
@@ -83,18 +86,25 @@ def main():
     table = mnist_text_cfg.table_to(mnist_text_cfg.caption_table(meta["text_encoder"], meta.get("text_encoder_path"),
                                                                  mnist_text_cfg.train_captions(), args.data_dir), device)
     compare = {}
-    for sampler, steps in (("dpmpp", 20), ("dpmpp-sde", 20), ("ddpm", 1000)) if args.compare_samples else ():
-        metrics, _ = evaluator(model, process, table, len(mnist_text_cfg.train_captions()) - 1, args.compare_samples, 0,
-                               results["guidance_scale"], sampler, steps, seed=7, full=False)
-        compare[f"{sampler}-{steps}"] = {k: metrics[k] for k in ("prompt_accuracy", "fid", "fid_floor", "samples",
-                                                                 "sampling_seconds")}
-        print(f"{sampler} {steps} steps: prompt accuracy {metrics['prompt_accuracy']:.1%}, lenet FID {metrics['fid']:.3f} "
-              f"(floor {metrics['fid_floor']:.3f}, {metrics['samples']} samples, {metrics['sampling_seconds']:.0f} s)",
-              flush=True)
+    seeds = [7 + i for i in range(args.compare_seeds)]
+    for sampler, steps in (("dpmpp", 20), ("dpmpp-sde", 20), ("dpmpp-3m-sde", 20), ("ddpm", 1000)) if args.compare_samples else ():
+        runs = []
+        for seed in seeds:
+            metrics, _ = evaluator(model, process, table, len(mnist_text_cfg.train_captions()) - 1, args.compare_samples, 0,
+                                   results["guidance_scale"], sampler, steps, seed=seed, full=False)
+            runs.append({k: metrics[k] for k in ("prompt_accuracy", "fid", "fid_floor", "samples", "sampling_seconds")})
+            print(f"{sampler} {steps} steps, seed {seed}: prompt accuracy {metrics['prompt_accuracy']:.1%}, lenet FID "
+                  f"{metrics['fid']:.3f} (floor {metrics['fid_floor']:.3f}, {metrics['samples']} samples, "
+                  f"{metrics['sampling_seconds']:.0f} s)", flush=True)
+        mean = lambda key: sum(run[key] for run in runs) / len(runs)
+        fids = [run["fid"] for run in runs]
+        compare[f"{sampler}-{steps}"] = {"prompt_accuracy": mean("prompt_accuracy"), "fid": mean("fid"), "fid_floor": mean("fid_floor"),
+                                         "fid_std": float(torch.tensor(fids).std()) if len(fids) > 1 else 0.0,
+                                         "samples": runs[0]["samples"], "seeds": seeds, "per_seed": runs}
 
     bench = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
              "threads": args.threads or torch.get_num_threads(), "shared": args.shared, "calibration": calibration,
-             "command": " ".join(argv[1:]), "wall_seconds": wall, "results": results, "dpmpp20_vs_ddpm1000": compare}
+             "command": " ".join(argv[1:]), "wall_seconds": wall, "results": results, "few_step_comparison": compare}
     common.write_json(os.path.join(args.outdir, "bench.json"), bench)
 
     rows = [
@@ -108,18 +118,18 @@ def main():
          f"{results['images_per_second']:.0f} images/s)", "<= 10 min", ""),
     ]
     if compare:
-        few, many = compare["dpmpp-20"], compare["ddpm-1000"]
-        judged = few["samples"] >= MIN_COMPARE_SAMPLES
+        many = compare["ddpm-1000"]
+        judged = many["samples"] >= MIN_COMPARE_SAMPLES
         verdict = lambda ok: ("met" if ok else "not met") if judged else f"not judged (< {MIN_COMPARE_SAMPLES} samples)"
-        rows += [(f"DPM++ 20 vs DDPM 1000: accuracy ({few['samples']} samples)",
-                  f"{few['prompt_accuracy']:.1%} vs {many['prompt_accuracy']:.1%}", "within 1 point",
-                  verdict(abs(few["prompt_accuracy"] - many["prompt_accuracy"]) <= 0.01)),
-                 ("DPM++ 20 vs DDPM 1000: classifier FID", f"{few['fid']:.2f} vs {many['fid']:.2f}", "within 10%",
-                  verdict(few["fid"] <= 1.1 * many["fid"]))]
-        sde = compare["dpmpp-sde-20"]
-        rows += [("DPM++ SDE 20 (`--sampler dpmpp-sde`) vs DDPM 1000: accuracy / classifier FID",
-                  f"{sde['prompt_accuracy']:.1%} / {sde['fid']:.2f}", "within 1 point / 10%",
-                  verdict(abs(sde["prompt_accuracy"] - many["prompt_accuracy"]) <= 0.01 and sde["fid"] <= 1.1 * many["fid"]))]
+        spread = lambda entry: f" ± {entry['fid_std']:.2f}" if len(seeds) > 1 else ""
+        for key, name in (("dpmpp-20", "DPM++ 20"), ("dpmpp-sde-20", "DPM++ SDE 20 (`dpmpp-sde`)"),
+                          ("dpmpp-3m-sde-20", "DPM++ 3M SDE 20 (`dpmpp-3m-sde`)")):
+            few = compare[key]
+            rows.append((f"{name} vs DDPM 1000 ({few['samples']} samples, {len(seeds)} seed(s)): accuracy / classifier FID",
+                         f"{few['prompt_accuracy']:.1%} / {few['fid']:.2f}{spread(few)} vs "
+                         f"{many['prompt_accuracy']:.1%} / {many['fid']:.2f}{spread(many)}", "within 1 point / 10%",
+                         verdict(abs(few["prompt_accuracy"] - many["prompt_accuracy"]) <= 0.01
+                                 and few["fid"] <= 1.1 * many["fid"])))
     print(f"\n{calibration}; {bench['threads']} thread(s){', shared machine' if args.shared else ''}; "
           f"end-to-end wall time {wall / 60:.1f} min\n")
     print("| measure | value | target / reference | |\n|---|---|---|---|")

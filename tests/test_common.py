@@ -28,7 +28,7 @@ from common import (
     EMA, FiLM, ResBlock1d, UNet1d, UserError, cfg_denoiser, checkpoint_meta, convex_process,
     cosine_alpha_bar, frechet_distance, gaussian_process, linear_beta_schedule, load_checkpoint,
     load_mnist1d, load_model_state, make_process, pick_device, posterior, prior_kl, q_sample, rng_state,
-    run_main, sample_ddim, sample_ddpm, sample_dpmpp_2m, sampling_timesteps, save_checkpoint,
+    run_main, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_3m, sampling_timesteps, save_checkpoint,
     seed_everything, set_rng_state, timestep_embedding, vlb_terms, vlb_weights,
 )
 
@@ -390,7 +390,8 @@ def exact_output_law(name, sampler, steps, eta, T=1000):
     """Mean and variance of the sampler's output when x_T ~ N(0, b_T^2) and the denoiser is the exact
     (linear) E[x0|x_t]: every update is affine in x plus independent Gaussian noise, so the law is
     propagated exactly in float64 from the papers' update rules (Ho Alg. 2 / Song Eq. 12 / Lu Alg. 2, and its
-    SDE form, Lu Sec. 5, for DPM-Solver++ with eta = 1).
+    SDE form, Lu Sec. 5, for DPM-Solver++ with eta = 1; 'dpmpp3m': the third-order multistep step written as the
+    Newton interpolant of the last three x0-predictions, integrated exactly).
     Its distance to (TOY_M, TOY_V) is the sampler's discretisation error, free of sampling noise."""
     a, b = np_process(name, T)
     times = np.round(np.linspace(T, 0, steps + 1)).astype(int)
@@ -406,34 +407,54 @@ def exact_output_law(name, sampler, steps, eta, T=1000):
             c = a[s] - c_x * a[t]
             mean, var = (c_x + c * k) * mean + c * d, (c_x + c * k) ** 2 * var + (sigma2 if s > 0 else 0.0)
         return mean, var
-    # DPM-Solver++(2M), eta = 0 (the ODE) or 1 (its SDE form): x and the previous x0-prediction are affine in
-    # independent standard normals u = (x_T / b_T, z_1, ..., z_steps): (coefficients on u, offset)
+    # DPM-Solver++(2M) or (3M), eta = 0 (the ODE) or 1 (its SDE form): x and the earlier x0-predictions are
+    # affine in independent standard normals u = (x_T / b_T, z_1, ..., z_steps): a vector of their
+    # coefficients with the constant term appended
     lam = lambda i: math.log(a[i] / b[i]) if a[i] > 0 else -math.inf
-    x, previous, previous_h = (b[T] * np.eye(steps + 1)[0], 0.0), None, None
+    one = np.eye(steps + 2)[-1]
+    x, history = b[T] * np.eye(steps + 2)[0], []
     for j, (t, s) in enumerate(zip(times[:-1], times[1:])):
         k = gains[t]
-        D = (k * x[0], k * x[1] + TOY_M - k * a[t] * TOY_M)
+        D = k * x + (TOY_M - k * a[t] * TOY_M) * one
         if s == 0:
             x = D
             break
         h = lam(s) - lam(t)
-        if previous is None:
-            data = D
-        else:
-            r = previous_h / h
-            data = tuple((1 + 1 / (2 * r)) * u - 1 / (2 * r) * w for u, w in zip(D, previous))
         e = b[s] * a[t] / (a[s] * b[t])  # e^{-h}
-        x = tuple(b[s] / b[t] * e**eta * u + a[s] * (1 - e ** (1 + eta)) * w for u, w in zip(x, data))
-        x[0][j + 1] += b[s] * math.sqrt(1 - e ** (2 * eta))  # the step's own noise z_{j+1} (none for eta = 0)
-        previous, previous_h = D, h
-    return x[1], float((x[0] ** 2).sum())
+        if sampler == "dpmpp2m":  # Lu Alg. 2: D_i = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}, r = h_{i-1} / h_i
+            r = history[0][1] / h if history else None
+            data = D if not history else (1 + 1 / (2 * r)) * D - 1 / (2 * r) * history[0][0]
+            data_term = (1 - e ** (1 + eta)) * data
+        elif sampler == "dpmpp3m":  # x0 = D + u D' + u^2 D''/2 in lambda, integrated against (1+eta) e^{-(1+eta)(h-u)}
+            H = (1 + eta) * h
+            moments = [1 - e ** (1 + eta)]  # int_0^h (1+eta) e^{-(1+eta)(h-u)} u^k du / h^k, by parts
+            for order in (1, 2):
+                moments.append(1 - order / H * moments[-1])
+            data_term = moments[0] * D
+            if history:  # h D' and h^2 D''/2 by divided differences of the earlier predictions
+                points = [0.0] + [-sum(g for _, g in history[:i + 1]) / h for i in range(len(history))]
+                values = [D] + [p for p, _ in history]
+                first = (values[0] - values[1]) / (points[0] - points[1])
+                if len(history) == 1:
+                    data_term = data_term + moments[1] * first
+                else:
+                    second = (first - (values[1] - values[2]) / (points[1] - points[2])) / (points[0] - points[2])
+                    slope_here = first + (points[0] - points[1]) * second  # h D' at the current point
+                    data_term = data_term + moments[1] * slope_here + moments[2] * second
+        else:
+            raise ValueError(f"no exact law for sampler {sampler!r}")
+        x = b[s] / b[t] * e**eta * x + a[s] * data_term
+        x[j + 1] += b[s] * math.sqrt(1 - e ** (2 * eta))  # the step's own noise z_{j+1} (none for eta = 0)
+        history = [(D, h)] + history[:1]
+    return x[-1], float((x[:-1] ** 2).sum())
 
 
 # (label, function, steps, options, allowance): the allowance bounds |exact law - target| in variance,
 # measured with exact_output_law (cosine / convex): DDPM-1000 0.0020/0.0018, DDPM-100 0.0173/0.0160,
 # DDIM-50 0.0153/0.0144, DDIM(eta=1)-1000 = DDPM-1000, DPM++2M-20 0.0015/0.0055, its SDE form at 20 steps
-# +0.0159/+0.0256 (DDPM at 20 steps: -0.063). The DDPM and DDIM deficits are the known under-dispersion of the
-# q-posterior variance / first-order steps.
+# +0.0159/+0.0256 (DDPM at 20 steps: -0.063), DPM++3M's SDE form at 20 steps +0.0305/+0.0207 (at 40: +0.0037/
+# +0.0016). The DDPM and DDIM deficits are the known under-dispersion of the q-posterior variance / first-order
+# steps.
 SAMPLER_CASES = [
     ("ddpm-1000", sample_ddpm, 1000, {}, 0.005),
     ("ddpm-100", sample_ddpm, 100, {}, 0.02),
@@ -441,6 +462,8 @@ SAMPLER_CASES = [
     ("ddim-eta1-1000", sample_ddim, 1000, {"eta": 1.0}, 0.005),
     ("dpmpp2m-20", sample_dpmpp_2m, 20, {}, 0.008),
     ("dpmpp2m-sde-20", sample_dpmpp_2m, 20, {"eta": 1.0}, 0.03),
+    ("dpmpp3m-sde-20", sample_dpmpp_3m, 20, {"eta": 1.0}, 0.035),
+    ("dpmpp3m-40", sample_dpmpp_3m, 40, {}, 0.006),
 ]
 
 
@@ -472,9 +495,12 @@ def test_sampler_recovers_toy_gaussian(name, label, sampler, steps, options, all
 # the output law's distance to the target (measured with exact_output_law: mean <= 0.0046, variance
 # deficit <= 0.031, except DDPM with 50 steps at T = 50, 0.053: few large ancestral steps under-disperse;
 # SDE-DPM-Solver++ with 20 steps over-disperses by 0.048 at T = 50, by <= 0.014 elsewhere) is within the allowance; unscaled, T = 100 started at a_T = 0.60 and the mean was off by ~0.5.
+# Not here: DPM-Solver++(3M)'s SDE form, whose second differences of noisy x0-predictions over-disperse on the
+# uneven integer grids of a short schedule (variance +0.48 at T = 50 with 20 steps, +1.43 with 40; +0.064 at
+# T = 1000 with 20); its ODE form is here.
 ANY_T_CASES = [("ddpm", sample_ddpm, None, {}), ("ddim-eta0", sample_ddim, 50, {"eta": 0.0}),
                ("ddim-eta0.5", sample_ddim, None, {"eta": 0.5}), ("dpmpp2m", sample_dpmpp_2m, 20, {}),
-               ("dpmpp2m-sde", sample_dpmpp_2m, 20, {"eta": 1.0})]
+               ("dpmpp2m-sde", sample_dpmpp_2m, 20, {"eta": 1.0}), ("dpmpp3m", sample_dpmpp_3m, 20, {})]
 
 
 @pytest.mark.parametrize("T", [50, 100, 200, 1000])
@@ -531,6 +557,58 @@ def test_dpmpp_sde_first_order_step_is_ddpm(name):
     assert all(abs(later) < abs(earlier) for earlier, later in zip(errors, errors[1:])) and abs(errors[-1]) < 0.002
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_dpmpp_3m_data_term_integrates_a_quadratic_exactly(eta):
+    """The 3M step's data term is the exact integral of the interpolating quadratic through the last three
+    x0-predictions: local error O(h^4), i.e. 16x smaller per halving of h (uneven steps r0 = 0.7, r1 = 1.4).
+    x0(u) = e^{k u} has the closed form int_0^h c e^{-c(h-u)} e^{k u} du = c (e^{k h} - e^{-c h}) / (c + k),
+    c = 1 + eta.
+    Weighting the h^2 D''/2 difference by c2 / 2 instead (k-diffusion's dpmpp_3m_sde) falls only 8x per halving."""
+    k, c, r0, r1 = 1.3, 1 + eta, 0.7, 1.4
+    errors, halved = [], []
+    for h in (0.2, 0.1, 0.05, 0.025):
+        predictions = [math.exp(-k * r0 * h * m) for m in (0, 1)] + [math.exp(-k * (r0 + r1) * h)]
+        exact = c * (math.exp(k * h) - math.exp(-c * h)) / (c + k)
+        errors.append(common.dpmpp_3m_data_term(predictions, [r0 * h, r1 * h], h, eta) - exact)
+        H = c * h
+        c1 = 1 - (-math.expm1(-H)) / H
+        c2 = 1 - 2 * c1 / H
+        slopes = [(predictions[0] - predictions[1]) / r0, (predictions[1] - predictions[2]) / r1]
+        curvature = (slopes[0] - slopes[1]) / (r0 + r1)
+        halved.append(errors[-1] - 0.5 * c2 * curvature)  # the same step with the curvature weighted c2 / 2
+    ratios = [earlier / later for earlier, later in zip(errors, errors[1:])]
+    assert all(14 < ratio < 17 for ratio in ratios[1:]), ratios
+    assert abs(errors[-1]) < 1e-6
+    halved_ratios = [earlier / later for earlier, later in zip(halved, halved[1:])]
+    assert all(7 < ratio < 9.5 for ratio in halved_ratios[1:]), halved_ratios
+    # with one or two predictions the expansion stops earlier: constant, then linear, integrated exactly
+    h = 0.3
+    assert common.dpmpp_3m_data_term([2.0], [], h, eta) == pytest.approx(2.0 * -math.expm1(-c * h), rel=1e-12)
+    line = lambda u: 2.0 + 0.5 * u  # x0 linear in lambda: the two-point step is exact
+    exact = 2.0 * -math.expm1(-c * h) + 0.5 * (h - -math.expm1(-c * h) / c)
+    assert common.dpmpp_3m_data_term([line(0), line(-0.4)], [0.4], h, eta) == pytest.approx(exact, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["gaussian-cosine", "convex"])
+def test_dpmpp_3m_follows_its_law_and_its_first_step_is_ddpm(name):
+    """The ODE form is deterministic and affine in x_T on the toy: each sample equals the exact law's map of its
+    own x_T (path by path). The SDE form's first step is DDPM's posterior step (2 steps agree path by path),
+    'dpmpp-3m-sde' is it, and its exact law converges (variance error 0.031 / 0.021 at 20 steps, < 0.002 at 80)."""
+    process = build_process(name)
+    x = process.b[-1].item() * torch.randn(500, 4, generator=torch.Generator().manual_seed(7))
+    run = lambda sampler, steps, **options: sampler(toy_denoiser(process), x.double(), process, steps,
+                                                    generator=torch.Generator().manual_seed(8), **options)
+    for steps in (3, 20):
+        law_mean, law_var = exact_output_law(name, "dpmpp3m", steps, 0.0)
+        slope = math.sqrt(law_var) / process.b[-1].item()  # output = law_mean + slope * x_T for the ODE
+        torch.testing.assert_close(run(sample_dpmpp_3m, steps), law_mean + slope * x.double(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(run(sample_dpmpp_3m, 2, eta=1.0), run(sample_ddpm, 2), rtol=0, atol=1e-9)
+    assert torch.equal(run(common.SAMPLERS["dpmpp-3m-sde"], 20), run(sample_dpmpp_3m, 20, eta=1.0))
+    assert (run(sample_dpmpp_3m, 20, eta=1.0) - run(sample_dpmpp_2m, 20, eta=1.0)).abs().max() > 1e-3
+    errors = [exact_output_law(name, "dpmpp3m", steps, 1.0)[1] - TOY_V for steps in (20, 40, 80)]
+    assert all(abs(later) < abs(earlier) for earlier, later in zip(errors, errors[1:])) and abs(errors[-1]) < 0.002
+
+
 def test_ddim_eta0_and_dpmpp_are_deterministic():
     process = gaussian_process(100)
     x = process.b[-1].item() * torch.randn(50, 1, generator=torch.Generator().manual_seed(10))
@@ -545,7 +623,8 @@ def test_ddim_eta0_and_dpmpp_are_deterministic():
 # check, and the tensors live on the 'meta' device (shapes only): the noise must be drawn on the
 # generator's device and moved to the tensors'.
 DEVICE_CASES = [("ddpm", sample_ddpm, {}), ("ddim-eta1", sample_ddim, {"eta": 1.0}), ("ddim-eta0", sample_ddim, {}),
-                ("dpmpp2m", sample_dpmpp_2m, {}), ("dpmpp2m-sde", sample_dpmpp_2m, {"eta": 1.0})]
+                ("dpmpp2m", sample_dpmpp_2m, {}), ("dpmpp2m-sde", sample_dpmpp_2m, {"eta": 1.0}),
+                ("dpmpp3m", sample_dpmpp_3m, {}), ("dpmpp3m-sde", sample_dpmpp_3m, {"eta": 1.0})]
 
 
 @pytest.mark.parametrize("label,sampler,options", DEVICE_CASES, ids=[c[0] for c in DEVICE_CASES])
@@ -567,7 +646,7 @@ def test_samplers_work_with_any_generator_and_tensor_device(monkeypatch, label, 
     x = torch.ones(4, 3, device=tensor_device)
     out = sampler(lambda x, t: 0.5 * x, x, process, 10, generator=generator, **options)
     assert out.device.type == tensor_device and out.shape == (4, 3)
-    stochastic = label in ("ddpm", "ddim-eta1", "dpmpp2m-sde")
+    stochastic = label in ("ddpm", "ddim-eta1", "dpmpp2m-sde", "dpmpp3m-sde")
     assert len(draws) == (9 if stochastic else 0)  # one draw per step, none on the final step to t = 0
     if with_generator:
         assert set(draws) <= {"cpu"}
@@ -581,7 +660,7 @@ def test_samplers_work_with_any_generator_and_tensor_device(monkeypatch, label, 
 
 FINAL_CASES = [("ddpm", sample_ddpm, {}), ("ddim-eta0", sample_ddim, {"eta": 0.0}),
                ("ddim-eta1", sample_ddim, {"eta": 1.0}), ("dpmpp2m", sample_dpmpp_2m, {}),
-               ("dpmpp2m-sde", sample_dpmpp_2m, {"eta": 1.0})]
+               ("dpmpp2m-sde", sample_dpmpp_2m, {"eta": 1.0}), ("dpmpp3m-sde", sample_dpmpp_3m, {"eta": 1.0})]
 
 
 @pytest.mark.parametrize("name", ["gaussian-cosine", "convex"])
@@ -648,7 +727,8 @@ def test_cfg_denoiser_guidance_formula(w):
 
 CFG_CASES = [("ddpm-200", sample_ddpm, 200, {}), ("ddim-eta0-50", sample_ddim, 50, {}),
              ("ddim-eta1-200", sample_ddim, 200, {"eta": 1.0}), ("dpmpp2m-20", sample_dpmpp_2m, 20, {}),
-             ("dpmpp2m-sde-20", sample_dpmpp_2m, 20, {"eta": 1.0})]
+             ("dpmpp2m-sde-20", sample_dpmpp_2m, 20, {"eta": 1.0}),
+             ("dpmpp3m-sde-20", sample_dpmpp_3m, 20, {"eta": 1.0})]
 
 
 @pytest.mark.parametrize("label,sampler,steps,options", CFG_CASES, ids=[c[0] for c in CFG_CASES])
