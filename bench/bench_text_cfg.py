@@ -74,7 +74,7 @@ def main():
     with open(os.path.join(run_dir, "results.json")) as file:
         results = json.load(file)
 
-    # the same checkpoint, DPM-Solver++ 20 steps (ODE and SDE forms) vs DDPM 1000 steps, same prompts, guidance and seeds
+    # the same checkpoint: DPM-Solver++ 20 steps (ODE and SDE forms) vs DDPM 1000, same prompts, guidance and seeds
     if args.threads:
         torch.set_num_threads(args.threads)
     device = common.pick_device("auto")
@@ -87,18 +87,21 @@ def main():
                                                                  mnist_text_cfg.train_captions(), args.data_dir), device)
     compare = {}
     seeds = [7 + i for i in range(args.compare_seeds)]
-    for sampler, steps in (("dpmpp", 20), ("dpmpp-sde", 20), ("dpmpp-3m-sde", 20), ("ddpm", 1000)) if args.compare_samples else ():
+    null_id = len(mnist_text_cfg.train_captions()) - 1
+    samplers = (("dpmpp", 20), ("dpmpp-sde", 20), ("dpmpp-3m-sde", 20), ("ddpm", 1000))
+    for sampler, steps in samplers if args.compare_samples else ():
         runs = []
         for seed in seeds:
-            metrics, _ = evaluator(model, process, table, len(mnist_text_cfg.train_captions()) - 1, args.compare_samples, 0,
-                                   results["guidance_scale"], sampler, steps, seed=seed, full=False)
+            metrics, _ = evaluator(model, process, table, null_id, args.compare_samples, 0, results["guidance_scale"],
+                                   sampler, steps, seed=seed, full=False)
             runs.append({k: metrics[k] for k in ("prompt_accuracy", "fid", "fid_floor", "samples", "sampling_seconds")})
             print(f"{sampler} {steps} steps, seed {seed}: prompt accuracy {metrics['prompt_accuracy']:.1%}, lenet FID "
                   f"{metrics['fid']:.3f} (floor {metrics['fid_floor']:.3f}, {metrics['samples']} samples, "
                   f"{metrics['sampling_seconds']:.0f} s)", flush=True)
         mean = lambda key: sum(run[key] for run in runs) / len(runs)
         fids = [run["fid"] for run in runs]
-        compare[f"{sampler}-{steps}"] = {"prompt_accuracy": mean("prompt_accuracy"), "fid": mean("fid"), "fid_floor": mean("fid_floor"),
+        compare[f"{sampler}-{steps}"] = {"prompt_accuracy": mean("prompt_accuracy"), "fid": mean("fid"),
+                                         "fid_floor": mean("fid_floor"),
                                          "fid_std": float(torch.tensor(fids).std()) if len(fids) > 1 else 0.0,
                                          "samples": runs[0]["samples"], "seeds": seeds, "per_seed": runs}
 
@@ -125,7 +128,8 @@ def main():
         for key, name in (("dpmpp-20", "DPM++ 20"), ("dpmpp-sde-20", "DPM++ SDE 20 (`dpmpp-sde`)"),
                           ("dpmpp-3m-sde-20", "DPM++ 3M SDE 20 (`dpmpp-3m-sde`)")):
             few = compare[key]
-            rows.append((f"{name} vs DDPM 1000 ({few['samples']} samples, {len(seeds)} seed(s)): accuracy / classifier FID",
+            rows.append((f"{name} vs DDPM 1000 ({few['samples']} samples, {len(seeds)} seed(s)): "
+                         "accuracy / classifier FID",
                          f"{few['prompt_accuracy']:.1%} / {few['fid']:.2f}{spread(few)} vs "
                          f"{many['prompt_accuracy']:.1%} / {many['fid']:.2f}{spread(many)}", "within 1 point / 10%",
                          verdict(abs(few["prompt_accuracy"] - many["prompt_accuracy"]) <= 0.01
