@@ -494,7 +494,8 @@ def test_sampler_recovers_toy_gaussian(name, label, sampler, steps, options, all
 # every sampler on the linear schedule at several T (steps None = T): with the betas scaled by 1000 / T
 # the output law's distance to the target (measured with exact_output_law: mean <= 0.0046, variance
 # deficit <= 0.031, except DDPM with 50 steps at T = 50, 0.053: few large ancestral steps under-disperse;
-# SDE-DPM-Solver++ with 20 steps over-disperses by 0.048 at T = 50, by <= 0.014 elsewhere) is within the allowance; unscaled, T = 100 started at a_T = 0.60 and the mean was off by ~0.5.
+# SDE-DPM-Solver++ with 20 steps over-disperses by 0.048 at T = 50, by <= 0.014 elsewhere) is within the
+# allowance; unscaled, T = 100 started at a_T = 0.60 and the mean was off by ~0.5.
 # Not here: DPM-Solver++(3M)'s SDE form, whose second differences of noisy x0-predictions over-disperse on the
 # uneven integer grids of a short schedule (variance +0.48 at T = 50 with 20 steps, +1.43 with 40; +0.064 at
 # T = 1000 with 20); its ODE form is here.
@@ -539,24 +540,6 @@ def test_ddim_eta1_is_ddpm(name, steps):
     assert (other - ddim).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("name", ["gaussian-cosine", "convex"])
-def test_dpmpp_sde_first_order_step_is_ddpm(name):
-    """SDE-DPM-Solver++'s first-order step is DDPM's posterior step (Lu et al. 2022, Sec. 5): with 2 steps (one
-    first-order step, then x0_hat at the final step) both draw the same noise and agree path by path, and
-    registered as 'dpmpp-sde' it is that sampler; with more steps the 2M correction makes them differ."""
-    process = build_process(name)
-    x = process.b[-1].item() * torch.randn(500, 4, generator=torch.Generator().manual_seed(7))
-    run = lambda sampler, steps, **options: sampler(toy_denoiser(process), x, process, steps,
-                                                    generator=torch.Generator().manual_seed(8), **options)
-    torch.testing.assert_close(run(sample_dpmpp_2m, 2, eta=1.0), run(sample_ddpm, 2), rtol=0, atol=1e-5)
-    assert torch.equal(run(common.SAMPLERS["dpmpp-sde"], 20), run(sample_dpmpp_2m, 20, eta=1.0))
-    assert (run(sample_dpmpp_2m, 20, eta=1.0) - run(sample_ddpm, 20)).abs().max() > 1e-2
-    # the scheme converges: its exact output law's variance error falls with the steps (0.016 / 0.026 at
-    # 20 steps, 0.0014 / 0.0012 at 160 for cosine / convex; a wrong 2M coefficient stalls near -0.005)
-    errors = [exact_output_law(name, "dpmpp2m", steps, 1.0)[1] - TOY_V for steps in (20, 40, 80, 160)]
-    assert all(abs(later) < abs(earlier) for earlier, later in zip(errors, errors[1:])) and abs(errors[-1]) < 0.002
-
-
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_dpmpp_3m_data_term_integrates_a_quadratic_exactly(eta):
     """The 3M step's data term is the exact integral of the interpolating quadratic through the last three
@@ -589,23 +572,35 @@ def test_dpmpp_3m_data_term_integrates_a_quadratic_exactly(eta):
     assert common.dpmpp_3m_data_term([line(0), line(-0.4)], [0.4], h, eta) == pytest.approx(exact, rel=1e-12)
 
 
+# (law label, sampler, its SDE form's name in SAMPLERS, law steps, another sampler its SDE form must differ from)
+DPMPP_CASES = [("dpmpp2m", sample_dpmpp_2m, "dpmpp-sde", (20, 40, 80, 160), sample_ddpm, 1e-2),
+               ("dpmpp3m", sample_dpmpp_3m, "dpmpp-3m-sde", (20, 40, 80), sample_dpmpp_2m, 1e-3)]
+
+
 @pytest.mark.parametrize("name", ["gaussian-cosine", "convex"])
-def test_dpmpp_3m_follows_its_law_and_its_first_step_is_ddpm(name):
-    """The ODE form is deterministic and affine in x_T on the toy: each sample equals the exact law's map of its
-    own x_T (path by path). The SDE form's first step is DDPM's posterior step (2 steps agree path by path),
-    'dpmpp-3m-sde' is it, and its exact law converges (variance error 0.031 / 0.021 at 20 steps, < 0.002 at 80)."""
+@pytest.mark.parametrize("label,sampler,registered,law_steps,other,apart", DPMPP_CASES, ids=[c[0] for c in DPMPP_CASES])
+def test_dpmpp_follows_its_law_and_its_sde_first_step_is_ddpm(name, label, sampler, registered, law_steps, other,
+                                                             apart):
+    """The ODE form (eta = 0) is deterministic and affine in x_T on the toy: each sample equals the exact law's
+    map of its own x_T (path by path). The SDE form's first-order step is DDPM's posterior step (Lu et al. 2022,
+    Sec. 5): with 2 steps (one first-order step, then x0_hat at the final step) both draw the same noise and
+    agree path by path; registered in SAMPLERS it is that sampler; with 20 steps it differs from `other`
+    (2M: the correction makes it differ from DDPM; 3M: from 2M). Its exact law converges: the variance error
+    falls with the steps (2M SDE 0.016 / 0.026 at 20 steps, 0.0014 / 0.0012 at 160 for cosine / convex, where
+    a wrong 2M coefficient stalls near -0.005; 3M SDE 0.031 / 0.021 at 20, < 0.002 at 80)."""
     process = build_process(name)
     x = process.b[-1].item() * torch.randn(500, 4, generator=torch.Generator().manual_seed(7))
     run = lambda sampler, steps, **options: sampler(toy_denoiser(process), x.double(), process, steps,
                                                     generator=torch.Generator().manual_seed(8), **options)
     for steps in (3, 20):
-        law_mean, law_var = exact_output_law(name, "dpmpp3m", steps, 0.0)
+        law_mean, law_var = exact_output_law(name, label, steps, 0.0)
         slope = math.sqrt(law_var) / process.b[-1].item()  # output = law_mean + slope * x_T for the ODE
-        torch.testing.assert_close(run(sample_dpmpp_3m, steps), law_mean + slope * x.double(), rtol=0, atol=1e-9)
-    torch.testing.assert_close(run(sample_dpmpp_3m, 2, eta=1.0), run(sample_ddpm, 2), rtol=0, atol=1e-9)
-    assert torch.equal(run(common.SAMPLERS["dpmpp-3m-sde"], 20), run(sample_dpmpp_3m, 20, eta=1.0))
-    assert (run(sample_dpmpp_3m, 20, eta=1.0) - run(sample_dpmpp_2m, 20, eta=1.0)).abs().max() > 1e-3
-    errors = [exact_output_law(name, "dpmpp3m", steps, 1.0)[1] - TOY_V for steps in (20, 40, 80)]
+        torch.testing.assert_close(run(sampler, steps), law_mean + slope * x.double(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(run(sampler, 2, eta=1.0), run(sample_ddpm, 2), rtol=0, atol=1e-9)
+    assert torch.equal(run(common.SAMPLERS[registered], 20), run(sampler, 20, eta=1.0))
+    other_options = {"eta": 1.0} if other is sample_dpmpp_2m else {}
+    assert (run(sampler, 20, eta=1.0) - run(other, 20, **other_options)).abs().max() > apart
+    errors = [exact_output_law(name, label, steps, 1.0)[1] - TOY_V for steps in law_steps]
     assert all(abs(later) < abs(earlier) for earlier, later in zip(errors, errors[1:])) and abs(errors[-1]) < 0.002
 
 

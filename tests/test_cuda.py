@@ -25,7 +25,8 @@ def toy_denoiser(process, mean=0.5, std=0.2):
     return denoise
 
 
-@pytest.mark.parametrize("name,options", SAMPLER_CASES, ids=["ddpm", "ddim-eta1", "ddim-eta0", "dpmpp", "dpmpp-sde", "dpmpp-3m-sde"])
+@pytest.mark.parametrize("name,options", SAMPLER_CASES,
+                         ids=["ddpm", "ddim-eta1", "ddim-eta0", "dpmpp", "dpmpp-sde", "dpmpp-3m-sde"])
 def test_samplers_on_cuda_with_cpu_or_cuda_generator(name, options):
     process = common.make_process("gaussian", 100, "cosine")
     x_T = process.b[-1].item() * torch.randn(4000, 1, generator=torch.Generator().manual_seed(0))
