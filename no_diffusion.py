@@ -46,7 +46,8 @@ VOLCANO_SIZE = 128                          # the .int files are 128 x 128 compl
 VOLCANO_FILE_BYTES = VOLCANO_SIZE * VOLCANO_SIZE * 2 * 4
 # settings a resumed run must share with the stopped one
 RUN_IDENTITY = ("dataset", "n_functions", "resolution", "crop", "val_size", "noise", "kernel", "rbf_scale",
-                "rbf_eps", "sigma_1", "sigma_L", "L", "width", "modes", "layers", "no_sigma_embedding",
+                "rbf_eps", "sigma_1", "sigma_L", "L", "width", "modes", "layers", "no_sigma_embedding", "local_conv",
+                "sigma_sampling", "sigma_mean", "sigma_std",
                 "batch_size", "lr", "ema_decay", "augment", "seed")
 
 
@@ -159,12 +160,15 @@ def read_volcano(data_dir):
     return torch.from_numpy(phases)
 
 
-def synthetic_volcano_phase(count, seed, size=VOLCANO_SIZE):
+def synthetic_volcano_phase(count, seed, size=VOLCANO_SIZE, source_share=1.0, return_sources=False):
     """A seeded look-alike of the volcano interferograms, phases (count, size, size) wrapped to (-pi, pi].
 
     Mogi (1958) point source at depth d below (x0, y0): vertical surface displacement proportional to
     d / (r^2 + d^2)^{3/2}; here scaled to a peak of 1-5 fringes (2 pi each) of random sign, plus a
-    squared-exponential Gaussian-random-field "atmosphere" (length 0.1, 0.3-1.5 rad) and an orbital ramp."""
+    squared-exponential Gaussian-random-field "atmosphere" (length 0.1, 0.3-1.5 rad) and an orbital ramp.
+    source_share < 1 keeps the source in that share of the functions only (the others are atmosphere and
+    ramp: the source-CNN's negatives); with return_sources, also (count, 5) float64 rows
+    (has source, x0, y0, depth, signed fringes). The draws do not depend on source_share."""
     generator = torch.Generator().manual_seed(seed)
     uniform = lambda low, high: low + (high - low) * torch.rand(count, 1, 1, generator=generator, dtype=torch.float64)
     x0, y0, depth = uniform(0.25, 0.75), uniform(0.25, 0.75), uniform(0.05, 0.2)
@@ -175,8 +179,15 @@ def synthetic_volcano_phase(count, seed, size=VOLCANO_SIZE):
     y, x = coords[None, :, None], coords[None, None, :]
     shape = depth**3 / ((x - x0) ** 2 + (y - y0) ** 2 + depth**2) ** 1.5       # (count, size, size), peak 1
     atmosphere = GaussianNoise(size, "rbf", "se", 0.1, 0.0).draw(count, generator)[:, 0].double()
-    phase = 2 * math.pi * fringes * shape + atmosphere_amplitude * atmosphere + math.pi * (ramp_x * x + ramp_y * y)
-    return torch.atan2(torch.sin(phase), torch.cos(phase)).float()
+    has_source = torch.ones(count, 1, 1, dtype=torch.float64)
+    if source_share < 1:
+        has_source = (torch.rand(count, 1, 1, generator=torch.Generator().manual_seed(seed + 1)) < source_share).double()
+    phase = (2 * math.pi * fringes * has_source * shape + atmosphere_amplitude * atmosphere
+             + math.pi * (ramp_x * x + ramp_y * y))
+    phase = torch.atan2(torch.sin(phase), torch.cos(phase)).float()
+    if return_sources:
+        return phase, torch.cat([has_source, x0, y0, depth, fringes], dim=1).flatten(1)
+    return phase
 
 
 def grf_functions(count, seed, resolution, scale=0.1):
@@ -278,18 +289,30 @@ class SpectralConv2d(nn.Module):
 
 
 class FNOBlock(nn.Module):
-    """h + GELU(FiLM(GroupNorm(K h + W h), sigma embedding)); without an embedding, plain GroupNorm."""
+    """h + GELU(FiLM(GroupNorm(K h + W h + D h), sigma embedding)); without an embedding, plain GroupNorm.
 
-    def __init__(self, width, modes, emb_dim):
+    K: the spectral convolution (global, the lowest `modes` frequencies); W: a 1x1 convolution (pointwise);
+    D (local_grid > 0): a 3x3 convolution for what the kept modes cannot express (the fringes near a
+    source reach ~30 cycles per domain). Its footprint is fixed in units of the domain, 3 px of a
+    local_grid x local_grid grid: at a finer grid it is dilated (dilation = grid / local_grid), so a model
+    trained at 64 px evaluated at 128 px sees the same neighbourhood (cf. Liu-Schiaffini et al. 2024,
+    "Neural operators with localized integral and differential kernels")."""
+
+    def __init__(self, width, modes, emb_dim, local_grid=0):
         super().__init__()
         self.spectral = SpectralConv2d(width, width, modes)
         self.pointwise = nn.Conv2d(width, width, 1)
+        self.local_grid = local_grid
+        self.local = nn.Conv2d(width, width, 3, bias=False) if local_grid else None
         norm = nn.GroupNorm(8 if width % 8 == 0 else 1, width)
         self.film = common.FiLM(emb_dim, width, norm) if emb_dim else None
         self.norm = None if emb_dim else norm
 
     def forward(self, h, emb):
         mixed = self.spectral(h) + self.pointwise(h)
+        if self.local is not None:
+            dilation = max(1, round(h.shape[-1] / self.local_grid))
+            mixed = mixed + F.conv2d(h, self.local.weight, padding=dilation, dilation=dilation)
         mixed = self.film(mixed, emb) if self.film is not None else self.norm(mixed)
         return h + F.gelu(mixed)
 
@@ -304,14 +327,15 @@ class ScoreFNO(nn.Module):
     1 / sqrt(1 + sigma^2) (Karras et al. 2022, c_in). sigma_embedding=False is the reference's design: the
     network never sees sigma, and the score is its output divided by sigma. (B, 2, H, W), (B,) -> (B, 2, H, W)."""
 
-    def __init__(self, width=32, modes=12, layers=4, sigma_embedding=True, emb_dim=128, pad_fraction=0.125):
+    def __init__(self, width=32, modes=12, layers=4, sigma_embedding=True, emb_dim=128, pad_fraction=0.125,
+                 local_grid=0):
         super().__init__()
         self.emb_dim = emb_dim if sigma_embedding else 0
         self.pad_fraction = pad_fraction
         self.lift = nn.Conv2d(4, width, 1)
         self.sigma_mlp = (nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
                           if sigma_embedding else None)
-        self.blocks = nn.ModuleList(FNOBlock(width, modes, self.emb_dim) for _ in range(layers))
+        self.blocks = nn.ModuleList(FNOBlock(width, modes, self.emb_dim, local_grid) for _ in range(layers))
         self.project = nn.Sequential(nn.Conv2d(width, 64, 1), nn.GELU(), nn.Conv2d(64, 2, 1))
 
     @staticmethod
@@ -335,9 +359,9 @@ class ScoreFNO(nn.Module):
         return self.project(h[..., :height, :width])
 
 
-def model_args_of(args):
+def model_args_of(args, grid):
     return {"width": args.width, "modes": args.modes, "layers": args.layers,
-            "sigma_embedding": not args.no_sigma_embedding}
+            "sigma_embedding": not args.no_sigma_embedding, "local_grid": grid if args.local_conv else 0}
 
 
 def geometric_sigmas(sigma_1, sigma_L, L):
@@ -345,6 +369,17 @@ def geometric_sigmas(sigma_1, sigma_L, L):
     if L == 1:
         return torch.tensor([sigma_1], dtype=torch.float64)
     return sigma_1 * (sigma_L / sigma_1) ** (torch.arange(L, dtype=torch.float64) / (L - 1))
+
+
+def training_sigmas(args, sigmas, count, generator):
+    """(count,) float64 noise levels of a training batch: uniform over the geometric levels (the reference's,
+    Song & Ermon 2019), or log-normal (Karras et al. 2022, Sec. 5: ln sigma ~ N(P_mean, P_std^2)), which
+    spends the steps where the data and the noise are of similar size instead of on levels where the
+    network's answer is trivial (the noise at sigma >> 1, nothing to remove at sigma << 0.01)."""
+    if args.sigma_sampling == "levels":
+        return sigmas[torch.randint(0, len(sigmas), (count,), generator=generator)]
+    log_sigma = args.sigma_mean + args.sigma_std * torch.randn(count, generator=generator, dtype=torch.float64)
+    return log_sigma.exp().clamp(args.sigma_L, args.sigma_1)
 
 
 def noise_predictor(model, batch_size=None):
@@ -449,7 +484,14 @@ def generate_functions(model, noise, sigmas, count, sampler, options, batch_size
 
 
 # ----------------------------------------------------------------------------------------------
-# metrics: circular statistics of the phase, Wasserstein distances, mean-function errors
+# metrics: circular statistics of the phase (the reference's), spatial structure of exp(i phi), and the
+# source-CNN's features (the synthetic volcano's FID), each compared with the training set
+
+STRUCTURE = ("spectrum", "acf_1", "acf_4", "acf_16", "gradient", "source_fd")
+HEADLINE = ("w_total",) + STRUCTURE          # worst_ratio = the largest metric / floor among these
+ACF_LAGS = (1, 4, 16)                        # in 1/64 of the domain: 1, 4, 16 px at 64 px, 2, 8, 32 at 128
+SOURCE_CNN_SIZE = 64                         # the source-CNN sees every function resampled to 64 x 64
+
 
 def phase_of(functions):
     """phi = atan2(sin, cos): (N, 2, H, W) -> (N, H, W)."""
@@ -469,36 +511,295 @@ def circular_statistics(functions):
     return (1 - r1).numpy(), (r2 * torch.sin(t2 - 2 * t1) / (1 - r1) ** 1.5).numpy()
 
 
-def function_metrics(generated, reference_functions, reference_stats=None):
-    """w_var, w_skew (1-D Wasserstein distances between the per-function statistics), w_total = their sum,
-    mean_l2 = RMS over [0,1)^2 and channels of mean(generated) - mean(reference), phase_l2 = RMS of the
-    wrapped difference of their phases."""
+def radial_power_spectrum(functions):
+    """Radially averaged power spectrum of exp(i phi), (N, n // 2): bin k holds the mean of |c_q|^2 over
+    the wave vectors q (cycles per domain) with k - 1/2 <= |q| < k + 1/2, c = FFT2(exp(i phi)) / n^2 (so
+    the bins mean the same at every grid size, and sum |c_q|^2 = 1 by Parseval)."""
+    phase = phase_of(functions)
+    n = phase.shape[-1]
+    power = torch.fft.fft2(torch.polar(torch.ones_like(phase), phase), norm="forward").abs() ** 2   # (N, n, n)
+    frequency = torch.fft.fftfreq(n, d=1 / n, dtype=torch.float64)                                # cycles/domain
+    radius = torch.sqrt(frequency[:, None] ** 2 + frequency[None, :] ** 2).round().long().flatten()  # (n*n,)
+    bins = n // 2
+    keep = radius < bins
+    totals = torch.zeros(len(phase), bins, dtype=torch.float64).index_add_(1, radius[keep], power.flatten(1)[:, keep])
+    return totals / torch.bincount(radius[keep], minlength=bins)
+
+
+def spatial_autocorrelation(functions, lags=ACF_LAGS):
+    """Per-function autocorrelation of exp(i phi) at lags in 1/64 of the domain, (N, len(lags)):
+    Re mean_x exp(i (phi(x) - phi(x + l e))), averaged over e = the x and the y axis (no wrap-around)."""
+    phase = phase_of(functions)
+    n = phase.shape[-1]
+    columns = []
+    for lag in lags:
+        step = max(1, round(lag * n / 64))
+        along_x = torch.cos(phase[..., step:] - phase[..., :-step]).mean((-2, -1))
+        along_y = torch.cos(phase[..., step:, :] - phase[..., :-step, :]).mean((-2, -1))
+        columns.append((along_x + along_y) / 2)
+    return torch.stack(columns, dim=1)
+
+
+def phase_gradient(functions):
+    """Per-function mean magnitude of the wrapped phase gradient, radians per domain length (the fringe
+    density: 2 pi times the fringes crossed per unit length), (N,). Differences are wrapped to (-pi, pi]."""
+    phase = phase_of(functions)
+    n = phase.shape[-1]
+    wrap = lambda angle: torch.atan2(torch.sin(angle), torch.cos(angle))
+    d_x = wrap(phase[..., :-1, 1:] - phase[..., :-1, :-1])
+    d_y = wrap(phase[..., 1:, :-1] - phase[..., :-1, :-1])
+    return (n * torch.sqrt(d_x**2 + d_y**2)).mean((-2, -1))
+
+
+class SourceCNN(nn.Module):
+    """Recovers the synthetic volcano's deformation source from a function (2, 64, 64): whether there is
+    one (a logit), and its x0, y0, depth and signed fringe count (normalised). Its 128-D penultimate
+    features play the role Inception's play in FID. Four stride-2 3x3 conv blocks 64 -> 4 px, then FC."""
+
+    def __init__(self, width=16, features=128):
+        super().__init__()
+        layers, channels = [], 2
+        for out in (width, 2 * width, 4 * width, 4 * width):
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GroupNorm(4, out), nn.SiLU()]
+            channels = out
+        self.convs = nn.Sequential(*layers)
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(channels * 16, features), nn.SiLU())
+        self.head = nn.Linear(features, 5)
+
+    def forward(self, x):
+        """(B, 2, 64, 64) -> (features (B, 128), logit (B,), source parameters (B, 4))."""
+        features = self.features(self.convs(x))
+        out = self.head(features)
+        return features, out[:, 0], out[:, 1:]
+
+
+SOURCE_CENTRE = torch.tensor([0.5, 0.5, 0.125, 0.0], dtype=torch.float64)   # x0, y0, depth, signed fringes
+SOURCE_SPREAD = torch.tensor([0.25, 0.25, 0.075, 5.0], dtype=torch.float64)  # so each target is about [-1, 1]
+
+
+def to_source_grid(functions):
+    """Functions (N, 2, n, n) resampled to the source-CNN's 64 x 64 (the whole domain, as the data are)."""
+    if functions.shape[-1] == SOURCE_CNN_SIZE:
+        return functions.float()
+    return F.interpolate(functions.float(), size=(SOURCE_CNN_SIZE, SOURCE_CNN_SIZE), mode="bilinear",
+                         antialias=functions.shape[-1] > SOURCE_CNN_SIZE, align_corners=False)
+
+
+def source_cnn_examples(count, seed):
+    """count functions (count, 2, 64, 64) and their (count, 5) source rows for the source-CNN: half
+    synthetic volcanoes with a source; of the other half a third each without a source, with a patchy
+    short-range random-field phase instead (length 0.02-0.04, 2-6 rad), and a volcano with its pixels
+    shuffled, so that "a source found" means concentric fringes, not any phase texture."""
+    phase, sources = synthetic_volcano_phase(count, seed, source_share=0.5, return_sources=True)
+    generator = torch.Generator().manual_seed(seed + 2)
+    negative = torch.nonzero(sources[:, 0] == 0).flatten()
+    kind = torch.randint(0, 3, (len(negative),), generator=generator)
+    textured, shuffled = negative[kind == 1], negative[kind == 2]
+    for index in textured.tolist():
+        length = 0.02 + 0.02 * float(torch.rand(1, generator=generator))
+        amplitude = 2 + 4 * float(torch.rand(1, generator=generator))
+        field = GaussianNoise(phase.shape[-1], "rbf", "se", length, 0.0).draw(1, generator)[0, 0]
+        phase[index] = torch.atan2(torch.sin(amplitude * field), torch.cos(amplitude * field))
+    positive = torch.nonzero(sources[:, 0] == 1).flatten()
+    for index, source in zip(shuffled.tolist(), positive.tolist()):
+        order = torch.randperm(phase[0].numel(), generator=generator)
+        phase[index] = phase[source].flatten()[order].view_as(phase[index])
+    return phase_to_functions(phase, SOURCE_CNN_SIZE, 0), sources
+
+
+def train_source_cnn(count=8192, epochs=4, seed=12345, batch_size=64, progress=False):
+    """Trains the source-CNN on source_cnn_examples of a seed no dataset uses; Adam (one-cycle), BCE on the
+    detection logit + MSE on the normalised parameters of the sources."""
+    inputs, sources = source_cnn_examples(count, seed)
+    targets = ((sources[:, 1:] - SOURCE_CENTRE) / SOURCE_SPREAD).float()
+    has_source = sources[:, 0].float()
+    torch.manual_seed(seed)
+    cnn = SourceCNN()
+    optimizer = torch.optim.Adam(cnn.parameters(), lr=2e-3)
+    steps = epochs * (count // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(epochs), disable=not progress, leave=False, desc="source-CNN"):
+        order = torch.randperm(count, generator=generator)
+        for start in range(0, count - batch_size + 1, batch_size):
+            index = order[start:start + batch_size]
+            _, logit, predicted = cnn(inputs[index])
+            positive = has_source[index]
+            loss = (F.binary_cross_entropy_with_logits(logit, positive)
+                    + ((predicted - targets[index]) ** 2).mean(1).mul(positive).sum() / positive.sum().clamp(min=1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return cnn.eval()
+
+
+def load_source_cnn(data_dir, device="cpu"):
+    """The cached source-CNN from data_dir (trained once, about a minute on a CPU, when absent)."""
+    path = os.path.join(data_dir, "no_diffusion-source-cnn-v1.pt")
+    cnn = SourceCNN()
+    if os.path.isfile(path):
+        try:
+            state = torch.load(path, weights_only=True)
+            cnn.load_state_dict(state["model"])
+            return cnn.to(device).eval()
+        except Exception as error:
+            print(f"source-CNN {path} unreadable ({type(error).__name__}); training it again")
+    start = time.time()
+    cnn = train_source_cnn()
+    print(f"source-CNN trained in {time.time() - start:.0f} s", end="")
+    try:
+        common.prepare_outdir(data_dir)
+        common.save_checkpoint(path, {"model": cnn.state_dict(), "meta": {"kind": "source-cnn", "version": 1}})
+        print(f", cached in {path}")
+    except (UserError, OSError) as error:
+        print(f"; could not cache it in {data_dir} ({error})")
+    return cnn.to(device).eval()
+
+
+@torch.no_grad()
+def source_outputs(cnn, functions, batch_size=512):
+    """(features (N, 128), found (N,) bool: detection probability > 1/2, parameters (N, 4) in data units)."""
+    device = next(cnn.parameters()).device
+    features, found, parameters = [], [], []
+    for start in range(0, len(functions), batch_size):
+        feature, logit, predicted = cnn(to_source_grid(functions[start:start + batch_size]).to(device))
+        features.append(feature.double().cpu())
+        found.append(logit.cpu() > 0)
+        parameters.append(predicted.double().cpu() * SOURCE_SPREAD + SOURCE_CENTRE)
+    return torch.cat(features), torch.cat(found), torch.cat(parameters)
+
+
+def statistics_of(functions, source_cnn=None):
+    """Everything the metrics compare, computed once per set of functions (N, 2, n, n)."""
+    variance, skewness = circular_statistics(functions)
+    stats = {"variance": variance, "skewness": skewness, "mean": functions.double().mean(0),
+             "spectrum": radial_power_spectrum(functions).mean(0), "acf": spatial_autocorrelation(functions).numpy(),
+             "gradient": phase_gradient(functions).numpy(), "count": len(functions)}
+    if source_cnn is not None:
+        stats["features"], found, _ = source_outputs(source_cnn, functions)
+        stats["features"] = stats["features"].numpy()
+        stats["source_found"] = float(found.double().mean())
+    return stats
+
+
+def compare(stats, reference):
+    """The metrics of one set's statistics against the reference (training) set's. w_var, w_skew: 1-D
+    Wasserstein distances between the per-function circular statistics, w_total = their sum (the
+    reference's metrics); mean_l2 = RMS over [0,1)^2 and channels of the difference of the mean functions,
+    phase_l2 = RMS of the wrapped difference of their phases; spectrum = RMSE of log10 of the mean radial
+    power spectra; acf_<lag> = W1 of the per-function autocorrelation at that lag; gradient = W1 of the
+    per-function mean phase-gradient magnitude divided by 2 pi (fringes per domain length); source_fd =
+    the Frechet distance of the source-CNN's features; source_found = the share it finds a source in."""
     from scipy.stats import wasserstein_distance
-    variance, skewness = circular_statistics(generated)
-    reference_variance, reference_skewness = reference_stats or circular_statistics(reference_functions)
-    w_var = wasserstein_distance(reference_variance, variance)
-    w_skew = wasserstein_distance(reference_skewness, skewness)
-    mean_difference = generated.double().mean(0) - reference_functions.double().mean(0)   # (2, H, W)
-    phase_difference = phase_of(generated.double().mean(0, keepdim=True)) - phase_of(reference_functions.double().mean(0, keepdim=True))
+    w_var = wasserstein_distance(reference["variance"], stats["variance"])
+    w_skew = wasserstein_distance(reference["skewness"], stats["skewness"])
+    mean_difference = stats["mean"] - reference["mean"]                                    # (2, H, W)
+    phase_difference = phase_of(stats["mean"][None]) - phase_of(reference["mean"][None])
     phase_difference = torch.atan2(torch.sin(phase_difference), torch.cos(phase_difference))
-    return {"w_var": float(w_var), "w_skew": float(w_skew), "w_total": float(w_var + w_skew),
-            "mean_l2": float(mean_difference.pow(2).mean().sqrt()), "phase_l2": float(phase_difference.pow(2).mean().sqrt())}
+    log_spectra = torch.log10(stats["spectrum"] + 1e-12), torch.log10(reference["spectrum"] + 1e-12)
+    metrics = {"w_var": float(w_var), "w_skew": float(w_skew), "w_total": float(w_var + w_skew),
+               "mean_l2": float(mean_difference.pow(2).mean().sqrt()),
+               "phase_l2": float(phase_difference.pow(2).mean().sqrt()),
+               "spectrum": float((log_spectra[0] - log_spectra[1]).pow(2).mean().sqrt()),
+               "gradient": float(wasserstein_distance(reference["gradient"], stats["gradient"]) / (2 * math.pi))}
+    for column, lag in enumerate(ACF_LAGS):
+        metrics[f"acf_{lag}"] = float(wasserstein_distance(reference["acf"][:, column], stats["acf"][:, column]))
+    if "features" in stats and "features" in reference:
+        metrics["source_fd"] = common.frechet_distance(stats["features"], reference["features"])
+        metrics["source_found"] = stats["source_found"]
+    return metrics
 
 
-def real_floor(data, count, reference_stats=None):
-    """The metrics of `count` held-out functions against the training set: what a perfect sampler scores
-    with that many samples (the real-vs-real floor; it falls as the count grows, so the counts must match).
-    A generated data set tops the held-out split up with fresh functions; real data cannot, and say so."""
+def function_metrics(generated, reference_functions, reference_stats=None, source_cnn=None):
+    """compare() of generated functions against reference functions (or their precomputed statistics)."""
+    return compare(statistics_of(generated, source_cnn), reference_stats or statistics_of(reference_functions, source_cnn))
+
+
+def real_floor(data, count, reference_stats=None, source_cnn=None, draws=4):
+    """What a perfect sampler scores with `count` samples: the metrics of `count` real functions not
+    trained on against the training set (the real-vs-real floor; it falls as the count grows, so the
+    counts must match), as the mean over `draws` disjoint sets, with their standard deviation as the
+    floor's spread ({metric: value}, {metric: spread}, the count). A generated data set tops the held-out
+    split up with fresh functions of the same law; real data cannot, and draw bootstrap resamples of it."""
+    reference_stats = reference_stats or statistics_of(data["train"], source_cnn)
     held_out = data["held_out"]
-    if count > len(held_out) and "more" in data:
-        held_out = torch.cat([held_out, data["more"](count - len(held_out))])
-    elif count > len(held_out):
-        print(f"floor: only {len(held_out)} held-out functions for {count} samples; the floor is measured with "
-              f"{len(held_out)}, so it is higher than a {count}-sample floor and flatters the samples")
-    count = min(count, len(held_out))
-    floor = function_metrics(held_out[:count], data["train"], reference_stats)
-    floor["count"] = count
-    return floor
+    if count * draws > len(held_out) and "more" in data:
+        held_out = torch.cat([held_out, data["more"](count * draws - len(held_out))])
+    if count * draws <= len(held_out):
+        sets = [held_out[i * count:(i + 1) * count] for i in range(draws)]
+    else:
+        if count > len(held_out):
+            print(f"floor: only {len(held_out)} held-out functions for {count} samples; the floor is measured with "
+                  f"{len(held_out)}, so it is higher than a {count}-sample floor and flatters the samples")
+        count = min(count, len(held_out))
+        generator = torch.Generator().manual_seed(0)
+        sets = [held_out] + [held_out[torch.randint(len(held_out), (count,), generator=generator)] for _ in range(draws - 1)]
+    scores = [compare(statistics_of(functions, source_cnn), reference_stats) for functions in sets]
+    floor = {key: float(np.mean([score[key] for score in scores])) for key in scores[0]}
+    spread = {key: float(np.std([score[key] for score in scores], ddof=1)) for key in scores[0]}
+    return floor, spread, count
+
+
+def worst_ratio(metrics, floor):
+    """The headline: the largest metric / floor over w_total and the structure metrics present, and its key."""
+    ratios = {key: metrics[key] / floor[key] for key in HEADLINE if key in metrics and floor.get(key)}
+    key = max(ratios, key=ratios.get)
+    return ratios[key], key
+
+
+def verdict(value, floor, spread, factor):
+    """'met' / 'not met' for value <= factor * floor only where they differ by more than the floor's spread
+    (times the factor); else 'within noise'."""
+    target = factor * floor
+    if value < target - factor * spread:
+        return "met"
+    if value > target + factor * spread:
+        return "not met"
+    return "within noise"
+
+
+TARGETS = {"w_total": 1.5, "spectrum": 1.3, "acf_1": 2.0, "acf_4": 2.0, "acf_16": 2.0, "gradient": 2.0, "source_fd": 2.0}
+SOURCE_FOUND_TARGET = 0.8    # samples in which the source-CNN finds a source / the same share of real functions
+CHECKPOINT_METRICS = METRICS + ("worst_ratio",)   # model.<metric>.pt is kept for the best value of each
+
+
+def prepare_scoring(data, count, data_dir, device="cpu"):
+    """What score() needs: the training set's statistics, the source-CNN (synthetic-volcano only), and
+    the real-vs-real floor of `count` functions with its spread."""
+    cnn = load_source_cnn(data_dir, device) if data["name"] == "synthetic-volcano" else None
+    reference = statistics_of(data["train"], cnn)
+    floor, spread, floor_count = real_floor(data, count, reference, cnn)
+    return {"cnn": cnn, "reference": reference, "floor": floor, "spread": spread, "count": floor_count}
+
+
+def score(samples, scoring):
+    """The metrics of samples (N, 2, n, n), with the headline worst_ratio (and which metric it is)."""
+    metrics = compare(statistics_of(samples, scoring["cnn"]), scoring["reference"])
+    metrics["worst_ratio"], metrics["worst_metric"] = worst_ratio(metrics, scoring["floor"])
+    return metrics
+
+
+def verdicts(metrics, scoring):
+    """{metric: 'met' | 'not met' | 'within noise'} for the targets: each metric against its factor times
+    the floor, the source-detection share against 0.8 times the real share; decided only beyond the spread."""
+    floor, spread = scoring["floor"], scoring["spread"]
+    out = {key: verdict(metrics[key], floor[key], spread[key], factor) for key, factor in TARGETS.items() if key in metrics}
+    if "source_found" in metrics:  # higher is better: compare -found with -0.8 real
+        out["source_found"] = verdict(-metrics["source_found"], -floor["source_found"], spread["source_found"],
+                                      SOURCE_FOUND_TARGET)
+    return out
+
+
+def score_lines(metrics, scoring):
+    """Console lines: every metric beside its floor +- spread, then the headline and the verdicts."""
+    floor, spread = scoring["floor"], scoring["spread"]
+    keys = [key for key in METRICS + STRUCTURE + ("source_found",) if key in metrics]
+    values = ", ".join(f"{key} {metrics[key]:.4g} (floor {floor[key]:.4g} +- {spread[key]:.2g})" for key in keys)
+    judged = verdicts(metrics, scoring)
+    grouped = {word: [key for key in judged if judged[key] == word] for word in ("met", "not met", "within noise")}
+    return [values, f"worst metric/floor {metrics['worst_ratio']:.2f} ({metrics['worst_metric']}); targets "
+            + "; ".join(f"{word}: {', '.join(keys)}" for word, keys in grouped.items() if keys)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,18 +854,40 @@ def save_noise_pictures(run_dir, noise, generator):
     plt.close(fig)
 
 
-def save_histograms(path, real, generated, title):
-    """Histograms of circular variance and skewness: real (training) vs generated. real, generated: (var, skew)."""
+def save_real_beside_generated(path, real, generated):
+    """One row of real functions (held out) above the generated ones, each labelled, so one look tells them apart."""
+    functions = torch.cat([real.float().cpu(), generated.float().cpu()])
+    return save_phase_grid(path, functions, ["real (held out)"] * len(real) + ["generated"] * len(generated))
+
+
+def save_statistics_figure(path, scoring, samples, title):
+    """Real (training) vs generated: histograms of circular variance and skewness (the reference's metrics),
+    of the autocorrelation at 1/64 and 4/64 of the domain and of the fringe density, and the mean radial
+    power spectra of exp(i phi)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, name, a, b in zip(axes, ("circular variance", "circular skewness"), real, generated):
+    real, generated = scoring["reference"], statistics_of(samples, scoring["cnn"])
+    panels = [("circular variance", real["variance"], generated["variance"]),
+              ("circular skewness", real["skewness"], generated["skewness"]),
+              (f"autocorrelation at lag {ACF_LAGS[0]}/64", real["acf"][:, 0], generated["acf"][:, 0]),
+              (f"autocorrelation at lag {ACF_LAGS[1]}/64", real["acf"][:, 1], generated["acf"][:, 1]),
+              ("fringes per domain length (|grad phi| / 2 pi)", real["gradient"] / (2 * math.pi),
+               generated["gradient"] / (2 * math.pi))]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    for ax, (name, a, b) in zip(axes.flat, panels):
         low, high = np.percentile(np.concatenate([a, b]), [0.5, 99.5])
         bins = np.linspace(low, high, 40)
         ax.hist(a, bins=bins, density=True, alpha=0.5, label=f"real ({len(a)})")
         ax.hist(b, bins=bins, density=True, alpha=0.5, label=f"generated ({len(b)})")
-        ax.set_title(name)
-        ax.legend()
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=8)
+    ax = axes.flat[5]
+    ax.semilogy(real["spectrum"].numpy(), label="real")
+    ax.semilogy(generated["spectrum"].numpy(), label="generated")
+    ax.set_xlabel("|wave vector| (cycles per domain)")
+    ax.set_title("radial power spectrum of exp(i phi)", fontsize=9)
+    ax.legend(fontsize=8)
     fig.suptitle(title)
+    fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -607,8 +930,15 @@ def build_parser():
     add("--width", type=common.positive_int, default=16, help="FNO channels")
     add("--modes", type=common.positive_int, default=12, help="Fourier modes kept per axis")
     add("--layers", type=common.positive_int, default=4, help="FNO blocks")
+    add("--local-conv", action=argparse.BooleanOptionalAction, default=False,
+        help="a 3x3 convolution beside the spectral one in every block (footprint fixed in domain units)")
     add("--no-sigma-embedding", action="store_true",
         help="ablation, the reference's design: no sigma input; the score is the output divided by sigma")
+    add("--sigma-sampling", choices=("levels", "lognormal"), default="levels",
+        help="training noise levels: levels = uniform over the L geometric levels (the reference's); lognormal = "
+             "ln sigma ~ N(--sigma-mean, --sigma-std^2) clipped to [sigma_L, sigma_1] (Karras et al. 2022)")
+    add("--sigma-mean", type=float, default=-0.5, help="mean of ln sigma (--sigma-sampling lognormal)")
+    add("--sigma-std", type=common.positive_float, default=1.5, help="std of ln sigma (--sigma-sampling lognormal)")
     add("--epochs", type=common.positive_int, default=8,
         help="passes over the training functions (8: about 9 min of training on 2 CPU cores)")
     add("--max-minutes", type=common.positive_float, default=None,
@@ -706,14 +1036,14 @@ def main(argv=None):
     if noise.clipped_share > 1e-6:
         print(f"noise: the circulant embedding clipped {noise.clipped_share:.2e} of its spectrum (negative eigenvalues)")
     sigmas = geometric_sigmas(args.sigma_1, args.sigma_L, args.L)          # (L,) float64, CPU
-    train_stats = circular_statistics(data["train"])
-    floor = real_floor(data, args.Ntest, train_stats)
-    print("real-vs-real floor (" + f"{floor['count']} held out vs train): "
-          + ", ".join(f"{key} {floor[key]:.4f}" for key in METRICS))
+    scoring = prepare_scoring(data, args.Ntest, args.data_dir, device)
+    floor = scoring["floor"]
+    print(f"real-vs-real floor ({scoring['count']} real functions not trained on vs train, mean +- std of 4 sets): "
+          + ", ".join(f"{key} {floor[key]:.4g} +- {scoring['spread'][key]:.2g}" for key in floor))
 
     # model, optimiser, EMA
     torch.manual_seed(args.seed)
-    model_args = model_args_of(args)
+    model_args = model_args_of(args, size)
     model = ScoreFNO(**model_args).to(device)
     ema = common.EMA(model, args.ema_decay)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -725,7 +1055,7 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed)   # all training randomness; checkpointed
     steps_per_epoch = (len(train) + args.batch_size - 1) // args.batch_size
     epoch, batch_index, step, elapsed, last_loss = 0, 0, 0, 0.0, float("nan")
-    best = {key: float("inf") for key in METRICS}
+    best = {key: float("inf") for key in CHECKPOINT_METRICS}
     if os.path.isfile(checkpoint_path) and not args.resume:
         raise UserError(f"{checkpoint_path} exists; pass --resume to continue that run, or pick another --outdir")
     if args.resume:
@@ -760,19 +1090,19 @@ def main(argv=None):
         batch_size = sampling_batch_size(args.val_batch_size, device, size)
         samples, evaluations, seconds = generate_functions(ema.model, noise, sigmas, args.Ntest, args.sampler,
                                                            sampler_options(args), batch_size, args.seed + 1, device)
-        metrics = function_metrics(samples, data["train"], train_stats)
-        save_phase_grid(os.path.join(run_dir, "samples", f"{epoch}.png"), samples[:16])
-        save_histograms(os.path.join(run_dir, "stats", f"{epoch}.png"), train_stats, circular_statistics(samples),
-                        f"epoch {epoch}: w_total {metrics['w_total']:.4f} (floor {floor['w_total']:.4f})")
-        for key in METRICS:
+        metrics = score(samples, scoring)
+        save_real_beside_generated(os.path.join(run_dir, "samples", f"{epoch}.png"), data["held_out"][:8], samples[:16])
+        save_statistics_figure(os.path.join(run_dir, "stats", f"{epoch}.png"), scoring, samples,
+                               f"epoch {epoch}: worst metric/floor {metrics['worst_ratio']:.2f} ({metrics['worst_metric']})")
+        for key in CHECKPOINT_METRICS:
             if metrics[key] < best[key]:
                 best[key] = metrics[key]
                 common.save_checkpoint(os.path.join(run_dir, f"model.{key}.pt"),
                                        {"ema": ema.state_dict(), "epoch": epoch, "metrics": metrics, "config": config, "meta": meta})
-        logger.log({**{f"val/{key}": metrics[key] for key in METRICS}, "val/sampling_s": seconds,
-                    "val/evaluations": evaluations, "progress/epoch": epoch}, step=step)
-        print(f"epoch {epoch}: " + ", ".join(f"{key} {metrics[key]:.4f} (floor {floor[key]:.4f})" for key in METRICS)
-              + f"; {args.sampler} {evaluations} evaluations, {seconds:.0f} s")
+        logger.log({**{f"val/{key}": value for key, value in metrics.items() if key != "worst_metric"},
+                    "val/sampling_s": seconds, "val/evaluations": evaluations, "progress/epoch": epoch}, step=step)
+        lines = score_lines(metrics, scoring)
+        print(f"epoch {epoch} ({args.sampler}, {evaluations} evaluations, {seconds:.0f} s): {lines[0]}\n  {lines[1]}")
         return metrics, evaluations, seconds
 
     # training loop: sigma^2-weighted denoising score matching (Song & Ermon 2019, Eq. 2, lambda = sigma^2):
@@ -794,8 +1124,7 @@ def main(argv=None):
                     flips = torch.rand(count, 2, generator=generator).to(device) < 0.5
                     u = torch.where(flips[:, 0, None, None, None], u.flip(-1), u)
                     u = torch.where(flips[:, 1, None, None, None], u.flip(-2), u)
-                levels = torch.randint(0, args.L, (count,), generator=generator)
-                sigma = sigmas[levels].float().to(device)                                              # (B,)
+                sigma = training_sigmas(args, sigmas, count, generator).float().to(device)            # (B,)
                 z = noise.draw(count, generator)                                                       # (B, 2, n, n)
                 loss = F.mse_loss(model(u + sigma.view(-1, 1, 1, 1) * z, sigma), z)
                 last_loss = common.finite_loss(loss, f"step {step}", checkpoint_path)
@@ -839,12 +1168,13 @@ def main(argv=None):
     if metrics is None:
         metrics, evaluations, seconds = record()
     results = {"run_dir": run_dir, "dataset": data["name"], "grid": size, "epochs": epoch, "steps": step,
-               "train_time_s": elapsed, **metrics, "floor": floor, "best": best, "sampler": args.sampler,
+               "train_time_s": elapsed, **metrics, "floor": floor, "floor_spread": scoring["spread"],
+               "floor_count": scoring["count"], "verdicts": verdicts(metrics, scoring), "best": best, "sampler": args.sampler,
                "sampler_options": sampler_options(args), "evaluations_per_sample": evaluations,
                "Ntest": args.Ntest, "sampling_s": seconds, "noise": args.noise, "kernel": args.kernel,
                "sigma_embedding": model_args["sigma_embedding"]}
     common.write_json(os.path.join(run_dir, "results.json"), results)
-    logger.finish({f"final/{key}": metrics[key] for key in METRICS})
+    logger.finish({f"final/{key}": value for key, value in metrics.items() if key != "worst_metric"})
     print(f"wrote {os.path.join(run_dir, 'results.json')}")
     return results
 
@@ -890,16 +1220,8 @@ def evaluate(argv):
     device = common.pick_device(eval_args.device)
     outdir = os.path.join(eval_args.exp_dir, "eval")
     stats_path = os.path.join(outdir, "statistics.pt")
-    if eval_args.mode == "plot":
-        if not os.path.isfile(stats_path):
-            raise UserError(f"{stats_path} does not exist; run --mode generate first")
-        stats = torch.load(stats_path, weights_only=True)
-        path = save_histograms(os.path.join(outdir, "histograms.png"),
-                               (stats["train_variance"].numpy(), stats["train_skewness"].numpy()),
-                               (stats["variance"].numpy(), stats["skewness"].numpy()), stats["title"])
-        print(f"wrote {path}")
-        return path
-
+    if eval_args.mode == "plot" and not os.path.isfile(stats_path):
+        raise UserError(f"{stats_path} does not exist; run --mode generate first")
     args, model = load_run(eval_args.exp_dir, eval_args.checkpoint, device)
     for key in ("sampler", "steps", "T", "churn"):
         if getattr(eval_args, key) is not None:
@@ -908,27 +1230,29 @@ def evaluate(argv):
     data = load_functions(args.dataset, args.resolution * scale, args.crop * scale, args.n_functions, args.val_size,
                           args.data_dir, args.seed)
     size = data["train"].shape[-1]
+    if eval_args.mode == "plot":
+        stats = torch.load(stats_path, weights_only=True)
+        scoring = prepare_scoring(data, len(stats["samples"]), args.data_dir)
+        path = save_statistics_figure(os.path.join(outdir, "histograms.png"), scoring, stats["samples"].float(), stats["title"])
+        print(f"wrote {path}")
+        return path
     noise = GaussianNoise(size, args.noise, args.kernel, args.rbf_scale, args.rbf_eps, device)
     sigmas = geometric_sigmas(args.sigma_1, args.sigma_L, args.L)
     samples, evaluations, seconds = generate_functions(model, noise, sigmas, eval_args.Ntest, args.sampler, sampler_options(args),
                                                        sampling_batch_size(eval_args.val_batch_size, device, size),
                                                        eval_args.seed, device,
                                                        progress=not eval_args.no_progress)
-    train_stats = circular_statistics(data["train"])
-    metrics = function_metrics(samples, data["train"], train_stats)
-    floor = real_floor(data, eval_args.Ntest, train_stats)
+    scoring = prepare_scoring(data, eval_args.Ntest, args.data_dir)
+    metrics = score(samples, scoring)
     results = {"mode": eval_args.mode, "checkpoint": eval_args.checkpoint, "grid": size, "Ntest": eval_args.Ntest,
-               **metrics, "floor": floor, "sampler": args.sampler, "sampler_options": sampler_options(args),
+               **metrics, "floor": scoring["floor"], "floor_spread": scoring["spread"], "floor_count": scoring["count"],
+               "verdicts": verdicts(metrics, scoring), "sampler": args.sampler, "sampler_options": sampler_options(args),
                "evaluations_per_sample": evaluations, "sampling_s": seconds}
     os.makedirs(outdir, exist_ok=True)
-    save_phase_grid(os.path.join(outdir, f"{eval_args.mode}_samples.png"), samples[:16])
+    save_real_beside_generated(os.path.join(outdir, f"{eval_args.mode}_samples.png"), data["held_out"][:8], samples[:16])
     if eval_args.mode == "generate":
-        variance, skewness = circular_statistics(samples)
-        torch.save({"variance": torch.from_numpy(variance), "skewness": torch.from_numpy(skewness),
-                    "train_variance": torch.from_numpy(train_stats[0]), "train_skewness": torch.from_numpy(train_stats[1]),
-                    "samples": samples.half(),
-                    "title": f"{eval_args.checkpoint}, {size} px: w_total {metrics['w_total']:.4f} (floor {floor['w_total']:.4f})"},
-                   stats_path)
+        torch.save({"samples": samples.half(), "title": f"{eval_args.checkpoint}, {size} px: worst metric/floor "
+                    f"{metrics['worst_ratio']:.2f} ({metrics['worst_metric']})"}, stats_path)
     else:
         native_path = os.path.join(outdir, "generate.json")
         if os.path.isfile(native_path):
@@ -936,9 +1260,11 @@ def evaluate(argv):
                 native = json.load(file)
             results["native_w_total"] = native["w_total"]
             results["w_total_ratio_to_native"] = metrics["w_total"] / native["w_total"]
+            results["native_worst_ratio"] = native.get("worst_ratio")
     common.write_json(os.path.join(outdir, f"{eval_args.mode}.json"), results)
-    print(f"{eval_args.mode} at {size} px, {eval_args.Ntest} samples ({args.sampler}, {evaluations} evaluations, {seconds:.0f} s): "
-          + ", ".join(f"{key} {metrics[key]:.4f} (floor {floor[key]:.4f})" for key in METRICS))
+    lines = score_lines(metrics, scoring)
+    print(f"{eval_args.mode} at {size} px, {eval_args.Ntest} samples ({args.sampler}, {evaluations} evaluations, "
+          f"{seconds:.0f} s): {lines[0]}\n  {lines[1]}")
     return results
 
 

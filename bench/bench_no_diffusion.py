@@ -89,12 +89,14 @@ def sample_and_score(args, model, count, sampler, options, resolution_scale=1, s
     batch_size = no_diffusion.sampling_batch_size(None, torch.device("cpu"), size)
     samples, evaluations, seconds = no_diffusion.generate_functions(model, noise, sigmas, count, sampler, options,
                                                                     batch_size, seed, "cpu", progress=False)
-    stats = no_diffusion.circular_statistics(data["train"])
-    metrics = no_diffusion.function_metrics(samples, data["train"], stats)
-    floor = no_diffusion.real_floor(data, count, stats)
+    scoring = no_diffusion.prepare_scoring(data, count, args.data_dir)
+    metrics = no_diffusion.score(samples, scoring)
+    print(f"{sampler} {options} at {size} px, {count} samples: " + "\n  ".join(no_diffusion.score_lines(metrics, scoring)),
+          flush=True)
     return {"grid": size, "count": count, "sampler": sampler, "options": options, "evaluations": evaluations,
-            "seconds": seconds, "seconds_per_256": seconds * 256 / count, **metrics,
-            "floor": {key: floor[key] for key in no_diffusion.METRICS}, "floor_count": floor["count"]}
+            "seconds": seconds, "seconds_per_256": seconds * 256 / count, **metrics, "floor": scoring["floor"],
+            "floor_spread": scoring["spread"], "floor_count": scoring["count"],
+            "verdicts": no_diffusion.verdicts(metrics, scoring)}
 
 
 def bench_samplers(args):
@@ -114,8 +116,8 @@ def bench_superres(args):
     options = {"steps": run_args.steps, "churn": run_args.churn}
     native = sample_and_score(run_args, model, args.samples, "heun", options)
     double = sample_and_score(run_args, model, args.samples, "heun", options, resolution_scale=2)
-    return [native, double, {"w_total_ratio": double["w_total"] / native["w_total"], "target": 2.0,
-                             "met": double["w_total"] / native["w_total"] <= 2.0}]
+    return [native, double, {"w_total_ratio": double["w_total"] / native["w_total"],
+                             "worst_ratio_native": native["worst_ratio"], "worst_ratio_double": double["worst_ratio"]}]
 
 
 def bench_ablation(args):
@@ -124,7 +126,8 @@ def bench_ablation(args):
         with open(os.path.join(directory, "results.json")) as file:
             results = json.load(file)
         rows.append({"model": label, "train_time_s": results["train_time_s"], "steps": results["steps"],
-                     **{key: results[key] for key in no_diffusion.METRICS}, "floor_w_total": results["floor"]["w_total"],
+                     **{key: results.get(key) for key in no_diffusion.METRICS + no_diffusion.STRUCTURE + ("worst_ratio",)},
+                     "floor": results["floor"],
                      "evaluations": results["evaluations_per_sample"], "Ntest": results["Ntest"]})
     return rows
 

@@ -121,10 +121,89 @@ def test_circular_statistics_match_hand_computed_values():
 
 def test_metrics_of_identical_sets_are_zero_and_of_different_sets_positive():
     functions = no_diffusion.grf_functions(64, seed=0, resolution=8)
-    metrics = no_diffusion.function_metrics(functions, functions)
-    assert all(metrics[key] == pytest.approx(0, abs=1e-12) for key in no_diffusion.METRICS)
+    metrics = no_diffusion.function_metrics(functions, functions, source_cnn=no_diffusion.SourceCNN().eval())
+    keys = no_diffusion.METRICS + no_diffusion.STRUCTURE
+    assert set(keys) <= set(metrics)
+    assert all(metrics[key] == pytest.approx(0, abs=1e-6) for key in keys), metrics   # FD: eigenvalue round-off
     shifted = no_diffusion.function_metrics(functions + 0.5, functions)
     assert shifted["mean_l2"] == pytest.approx(0.5, abs=1e-6) and shifted["w_total"] > 0
+
+
+def plane_wave(n, cycles, count=1):
+    """phi = 2 pi * cycles * x on the n x n grid of [0,1)^2 (wrapped), as (count, 2, n, n) functions."""
+    x = (torch.arange(n, dtype=torch.float64) / n).expand(n, n)
+    phase = 2 * math.pi * cycles * x
+    return torch.stack([torch.cos(phase), torch.sin(phase)])[None].expand(count, -1, -1, -1)
+
+
+@pytest.mark.parametrize("n", [32, 64])
+def test_structure_statistics_of_a_plane_wave(n):
+    """exp(i phi) of a plane wave with k cycles along x is one Fourier mode: all the power in radial bin k;
+    its phase gradient is 2 pi k per unit length everywhere; its autocorrelation at a lag of l px is
+    cos(2 pi k l / n) along x and 1 along y. The bins and the lags mean the same at 32 and 64 px."""
+    k = 5
+    waves = plane_wave(n, k)
+    spectrum = no_diffusion.radial_power_spectrum(waves)[0]
+    assert spectrum.shape == (n // 2,) and int(spectrum.argmax()) == k
+    assert spectrum[k] > 0 and spectrum.sum() - spectrum[k] < 1e-20
+    frequency = torch.fft.fftfreq(n, d=1 / n)
+    modes_in_bin = int((torch.sqrt(frequency[:, None] ** 2 + frequency[None, :] ** 2).round() == k).sum())
+    assert float(spectrum[k]) * modes_in_bin == pytest.approx(1.0, abs=1e-9)      # Parseval: |exp(i phi)| = 1
+    assert float(no_diffusion.phase_gradient(waves)[0]) == pytest.approx(2 * math.pi * k, rel=1e-9)
+    autocorrelation = no_diffusion.spatial_autocorrelation(waves)[0]
+    for value, lag in zip(autocorrelation.tolist(), no_diffusion.ACF_LAGS):
+        pixels = max(1, round(lag * n / 64))                                    # at least one pixel
+        assert value == pytest.approx((math.cos(2 * math.pi * k * pixels / n) + 1) / 2, abs=1e-9)
+
+
+def test_shuffled_pixels_keep_the_circular_statistics_but_fail_the_structure_metrics(tmp_path):
+    """A "sampler" of real functions with their pixels shuffled keeps every phase value, so the reference's
+    w_var and w_skew cannot tell it from the real thing; the structure metrics must, far above their floor."""
+    data = no_diffusion.load_functions("synthetic-volcano", 32, 0, 400, 0.2, str(tmp_path))
+    reference = no_diffusion.statistics_of(data["train"])
+    floor, spread, count = no_diffusion.real_floor(data, 80, reference)
+    assert count == 80 and all(spread[key] > 0 for key in ("w_total", "spectrum", "acf_1", "gradient"))
+    real = data["held_out"][:80]
+    order = torch.randperm(32 * 32, generator=torch.Generator().manual_seed(0))
+    shuffled = real.flatten(2)[:, :, order].view_as(real)
+    as_real, as_shuffled = (no_diffusion.function_metrics(x, None, reference) for x in (real, shuffled))
+    assert as_shuffled["w_var"] == pytest.approx(as_real["w_var"], abs=1e-12)
+    assert as_shuffled["w_skew"] == pytest.approx(as_real["w_skew"], abs=1e-9)
+    assert as_shuffled["w_total"] < floor["w_total"] + 3 * spread["w_total"]
+    for key in ("spectrum", "acf_1", "acf_4", "gradient"):
+        assert as_shuffled[key] > 10 * floor[key], key
+        assert as_real[key] < floor[key] + 3 * spread[key], key
+    scoring = {"floor": floor, "spread": spread}
+    assert no_diffusion.verdicts(as_shuffled, scoring)["acf_1"] == "not met"
+    assert no_diffusion.score(shuffled, {**scoring, "cnn": None, "reference": reference})["worst_metric"] in \
+        ("acf_1", "acf_4", "gradient", "spectrum")
+
+
+def test_verdicts_are_decided_only_beyond_the_spread():
+    assert no_diffusion.verdict(1.0, 1.0, 0.1, 2.0) == "met"            # 1.0 < 2.0 - 0.2
+    assert no_diffusion.verdict(1.9, 1.0, 0.1, 2.0) == "within noise"   # |1.9 - 2.0| <= 0.2
+    assert no_diffusion.verdict(2.5, 1.0, 0.1, 2.0) == "not met"
+    ratio, key = no_diffusion.worst_ratio({"w_total": 3.0, "spectrum": 1.0, "mean_l2": 100.0},
+                                          {"w_total": 1.0, "spectrum": 0.1, "mean_l2": 1.0})
+    assert (ratio, key) == (10.0, "spectrum")                           # mean_l2 is not a headline metric
+
+
+def test_source_cnn_recovers_the_sources_of_held_out_functions():
+    """Trained briefly on 2,048 functions of one seed, the source-CNN finds the sources of functions of another
+    seed, with a position error well below the source's size (depth 0.05-0.2, the fringes' radius)."""
+    torch.manual_seed(0)
+    cnn = no_diffusion.train_source_cnn(count=2048, epochs=3, seed=5)
+    phase, sources = no_diffusion.synthetic_volcano_phase(400, seed=6, source_share=0.5, return_sources=True)
+    features, found, parameters = no_diffusion.source_outputs(cnn, no_diffusion.phase_to_functions(phase, 64, 0))
+    has_source = sources[:, 0] == 1
+    assert features.shape == (400, 128)
+    assert found[has_source].double().mean() > 0.9 and found[~has_source].double().mean() < 0.1
+    position_error = (parameters[has_source, :2] - sources[has_source, 1:3]).norm(dim=1)
+    assert position_error.median() < 0.04
+    assert (parameters[has_source, 3].sign() == sources[has_source, 4].sign()).double().mean() > 0.9
+    # at 128 px it sees the same functions resampled to 64 px
+    fine = no_diffusion.phase_to_functions(phase[:8], 128, 0)
+    assert torch.allclose(no_diffusion.to_source_grid(fine), no_diffusion.phase_to_functions(phase[:8], 64, 0), atol=0.05)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,19 +238,22 @@ def test_the_floor_has_as_many_functions_as_samples(tmp_path, capsys):
     """Past the held-out split, a generated set draws fresh functions of the same law (not copies of the
     split, the same ones every time); real data cannot, and its floor says with how many it was measured."""
     data = no_diffusion.load_functions("synthetic-volcano", 16, 2, 40, 0.25, str(tmp_path))
-    stats = no_diffusion.circular_statistics(data["train"])
-    floor = no_diffusion.real_floor(data, 25, stats)
-    assert floor["count"] == 25 and no_diffusion.real_floor(data, 6, stats)["count"] == 6
-    fresh = data["more"](15)
-    assert fresh.shape == (15, 2, 14, 14) and torch.equal(fresh, data["more"](15))
+    stats = no_diffusion.statistics_of(data["train"])
+    floor, spread, count = no_diffusion.real_floor(data, 25, stats)
+    assert count == 25 and no_diffusion.real_floor(data, 6, stats)[2] == 6
+    fresh = data["more"](4 * 25 - 10)
+    assert fresh.shape == (90, 2, 14, 14) and torch.equal(fresh, data["more"](90))
     for name in ("synthetic-volcano", "grf"):  # none is a copy of the set's functions, also when drawing more of them
         functions = no_diffusion.load_functions(name, 16, 0, 40, 0.25, str(tmp_path))
         everything = torch.cat([functions["train"], functions["held_out"]]).flatten(1)
         assert torch.cdist(functions["more"](60).flatten(1), everything).min() > 0.1
-    assert floor == no_diffusion.real_floor(data, 25, stats)
-    assert floor == {**no_diffusion.function_metrics(torch.cat([data["held_out"], fresh]), data["train"], stats), "count": 25}
+    assert (floor, spread) == no_diffusion.real_floor(data, 25, stats)[:2]
+    pool = torch.cat([data["held_out"], fresh])                              # four disjoint sets of 25
+    draws = [no_diffusion.function_metrics(pool[i * 25:(i + 1) * 25], None, stats) for i in range(4)]
+    assert floor["w_total"] == pytest.approx(np.mean([draw["w_total"] for draw in draws]), abs=1e-12)
+    assert spread["spectrum"] == pytest.approx(np.std([draw["spectrum"] for draw in draws], ddof=1), abs=1e-12)
     real = {key: data[key] for key in ("train", "held_out")}                 # volcano-like: no fresh functions
-    assert no_diffusion.real_floor(real, 25, stats)["count"] == 10
+    assert no_diffusion.real_floor(real, 25, stats)[2] == 10
     assert "only 10 held-out functions for 25 samples" in capsys.readouterr().out
 
 
@@ -239,7 +321,7 @@ def test_brief_training_on_grf_moves_samples_to_the_true_covariance(tmp_path):
     sigmas = no_diffusion.geometric_sigmas(args.sigma_1, args.sigma_L, args.L)
     options = {"steps": 10, "churn": 0.0}
     torch.manual_seed(0)
-    untrained = no_diffusion.ScoreFNO(**no_diffusion.model_args_of(args))
+    untrained = no_diffusion.ScoreFNO(**no_diffusion.model_args_of(args, 16))
     before, _, _ = no_diffusion.generate_functions(untrained, noise, sigmas, 256, "heun", options, 256, 5, "cpu")
     after, evaluations, _ = no_diffusion.generate_functions(trained, noise, sigmas, 256, "heun", options, 256, 5, "cpu")
     assert evaluations == 19
@@ -248,8 +330,10 @@ def test_brief_training_on_grf_moves_samples_to_the_true_covariance(tmp_path):
     assert variance_after < 0.3 * variance_before and variance_after < 0.35
     assert pair_after < 0.3 * pair_before and pair_after < 0.35
     results = json.loads((outdir / "results.json").read_text())
-    assert results["evaluations_per_sample"] == 19 and results["floor"]["count"] == 32
-    assert set(no_diffusion.METRICS) <= set(results) and set(no_diffusion.METRICS) <= set(results["floor"])
+    assert results["evaluations_per_sample"] == 19 and results["floor_count"] == 32
+    headline = no_diffusion.METRICS + ("spectrum", "acf_1", "acf_4", "acf_16", "gradient")
+    assert set(headline) <= set(results) and set(headline) <= set(results["floor"]) <= set(results["floor_spread"])
+    assert results["worst_ratio"] == max(results[key] / results["floor"][key] for key in headline[2:3] + headline[5:])
 
 
 def test_langevin_sampler_counts_evaluations_and_stays_finite():
@@ -276,7 +360,7 @@ def test_run_outputs_eval_modes_and_resume(tmp_path, monkeypatch):
     assert run_cli(tiny_args(full, data_dir)) == 0
     for name in ("config.json", "metrics.jsonl", "results.json", "model.pt", "u_noised.png", "noise/noise_samples.png",
                  "noise/noise_sampler_C.png", "samples/1.png", "samples/2.png", "stats/2.png",
-                 *(f"model.{key}.pt" for key in no_diffusion.METRICS)):
+                 *(f"model.{key}.pt" for key in no_diffusion.CHECKPOINT_METRICS)):
         assert (full / name).is_file(), name
 
     # eval: generate, plot, superres (2x the training grid)
