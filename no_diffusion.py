@@ -47,7 +47,7 @@ VOLCANO_FILE_BYTES = VOLCANO_SIZE * VOLCANO_SIZE * 2 * 4
 # settings a resumed run must share with the stopped one
 RUN_IDENTITY = ("dataset", "n_functions", "resolution", "crop", "val_size", "noise", "kernel", "rbf_scale",
                 "rbf_eps", "sigma_1", "sigma_L", "L", "width", "modes", "layers", "no_sigma_embedding", "local_conv",
-                "sigma_sampling", "sigma_mean", "sigma_std",
+                "precondition", "sigma_sampling", "sigma_mean", "sigma_std",
                 "batch_size", "lr", "ema_decay", "augment", "seed")
 
 
@@ -328,8 +328,9 @@ class ScoreFNO(nn.Module):
     network never sees sigma, and the score is its output divided by sigma. (B, 2, H, W), (B,) -> (B, 2, H, W)."""
 
     def __init__(self, width=32, modes=12, layers=4, sigma_embedding=True, emb_dim=128, pad_fraction=0.125,
-                 local_grid=0):
+                 local_grid=0, sigma_data=0.0):
         super().__init__()
+        self.sigma_data = sigma_data      # > 0: EDM preconditioning (Karras et al. 2022, Table 1), see forward
         self.emb_dim = emb_dim if sigma_embedding else 0
         self.pad_fraction = pad_fraction
         self.lift = nn.Conv2d(4, width, 1)
@@ -346,10 +347,22 @@ class ScoreFNO(nn.Module):
         return torch.stack(torch.meshgrid(y, x, indexing="ij")).expand(batch, -1, -1, -1)
 
     def forward(self, x, sigma):
+        """The predicted noise n_theta(x, sigma), whatever the parametrisation. With sigma_data > 0 the
+        network F is EDM-preconditioned: the denoiser is D = c_skip x + c_out F(c_in x), c_skip = s_d^2 / s^2,
+        c_out = sigma s_d / s, c_in = 1 / s, s^2 = sigma^2 + s_d^2, so n = (x - D) / sigma
+        = sigma x / s^2 - (s_d / s) F: F's target has unit variance at every noise level."""
+        if self.sigma_data and self.sigma_mlp is not None:
+            total = (sigma**2 + self.sigma_data**2).view(-1, 1, 1, 1)                       # s^2, (B, 1, 1, 1)
+            network = self.network(x / total.sqrt(), sigma)
+            return sigma.view(-1, 1, 1, 1) * x / total - self.sigma_data / total.sqrt() * network
+        if self.sigma_mlp is not None:
+            x = x / torch.sqrt(1 + sigma**2).view(-1, 1, 1, 1)
+        return self.network(x, sigma)
+
+    def network(self, x, sigma):
         batch, _, height, width = x.shape
         emb = None
         if self.sigma_mlp is not None:
-            x = x / torch.sqrt(1 + sigma**2).view(-1, 1, 1, 1)
             emb = self.sigma_mlp(common.timestep_embedding(100 * torch.log(sigma), self.emb_dim))  # (B, emb_dim)
         h = self.lift(torch.cat([x, self.grid(batch, height, width, x.device)], dim=1))
         pad = round(self.pad_fraction * height), round(self.pad_fraction * width)
@@ -359,9 +372,18 @@ class ScoreFNO(nn.Module):
         return self.project(h[..., :height, :width])
 
 
-def model_args_of(args, grid):
+def model_args_of(args, grid, sigma_data):
     return {"width": args.width, "modes": args.modes, "layers": args.layers,
-            "sigma_embedding": not args.no_sigma_embedding, "local_grid": grid if args.local_conv else 0}
+            "sigma_embedding": not args.no_sigma_embedding, "local_grid": grid if args.local_conv else 0,
+            "sigma_data": sigma_data if args.precondition == "edm" else 0.0}
+
+
+def loss_weights(args, sigma, sigma_data):
+    """Per-sample weights of |n_theta - z|^2 (B,). The reference's and Song & Ermon's sigma^2-weighted score
+    matching is |n_theta - z|^2 itself, which weighs the denoiser's error |D - u|^2 by 1 / sigma^2: the
+    levels where the structure is decided (sigma ~ 0.3-3 here) count little. EDM's weight (Karras et al.
+    2022, Eq. 8: lambda = (sigma^2 + s_d^2) / (sigma s_d)^2 on |D - u|^2) is (1 + sigma^2 / s_d^2) on it."""
+    return 1 + sigma**2 / sigma_data**2 if args.precondition == "edm" else torch.ones_like(sigma)
 
 
 def geometric_sigmas(sigma_1, sigma_L, L):
@@ -924,17 +946,20 @@ def build_parser():
     add("--sampler", choices=sorted(SAMPLERS), default="heun",
         help="heun: probability-flow ODE, 2*steps-1 evaluations; langevin: the reference's, L*T evaluations")
     add("--steps", type=common.positive_int, default=25, help="Heun steps (--sampler heun)")
-    add("--churn", type=common.nonnegative_float, default=3.0,
-        help="Heun stochastic churn (Karras et al. S_churn; 0 = the deterministic probability-flow ODE). 3 measured "
-             "best of 0/2/3/5/10 on the default model: the plain ODE gives samples of too little circular variance")
+    add("--churn", type=common.nonnegative_float, default=0.0,
+        help="Heun stochastic churn (Karras et al. S_churn; 0 = the deterministic probability-flow ODE, best of 0/1 "
+             "on a validation seed of the EDM model; the old noise-predicting model needed 3)")
     add("--width", type=common.positive_int, default=16, help="FNO channels")
     add("--modes", type=common.positive_int, default=12, help="Fourier modes kept per axis")
     add("--layers", type=common.positive_int, default=4, help="FNO blocks")
     add("--local-conv", action=argparse.BooleanOptionalAction, default=False,
         help="a 3x3 convolution beside the spectral one in every block (footprint fixed in domain units)")
+    add("--precondition", choices=("none", "edm"), default="edm",
+        help="none: the network predicts the noise, loss |n - z|^2; edm: Karras et al.'s c_skip/c_out/c_in "
+             "parametrisation and loss weight (1 + sigma^2 / sigma_data^2)")
     add("--no-sigma-embedding", action="store_true",
         help="ablation, the reference's design: no sigma input; the score is the output divided by sigma")
-    add("--sigma-sampling", choices=("levels", "lognormal"), default="levels",
+    add("--sigma-sampling", choices=("levels", "lognormal"), default="lognormal",
         help="training noise levels: levels = uniform over the L geometric levels (the reference's); lognormal = "
              "ln sigma ~ N(--sigma-mean, --sigma-std^2) clipped to [sigma_L, sigma_1] (Karras et al. 2022)")
     add("--sigma-mean", type=float, default=-0.5, help="mean of ln sigma (--sigma-sampling lognormal)")
@@ -1043,7 +1068,8 @@ def main(argv=None):
 
     # model, optimiser, EMA
     torch.manual_seed(args.seed)
-    model_args = model_args_of(args, size)
+    sigma_data = round(float(data['train'].std()), 4)                    # per-channel std of the training functions
+    model_args = model_args_of(args, size, sigma_data)
     model = ScoreFNO(**model_args).to(device)
     ema = common.EMA(model, args.ema_decay)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -1126,7 +1152,11 @@ def main(argv=None):
                     u = torch.where(flips[:, 1, None, None, None], u.flip(-2), u)
                 sigma = training_sigmas(args, sigmas, count, generator).float().to(device)            # (B,)
                 z = noise.draw(count, generator)                                                       # (B, 2, n, n)
-                loss = F.mse_loss(model(u + sigma.view(-1, 1, 1, 1) * z, sigma), z)
+                predicted = model(u + sigma.view(-1, 1, 1, 1) * z, sigma)                              # (B, 2, n, n)
+                if args.precondition == "edm":
+                    loss = (loss_weights(args, sigma, sigma_data) * (predicted - z).pow(2).mean((1, 2, 3))).mean()
+                else:
+                    loss = F.mse_loss(predicted, z)
                 last_loss = common.finite_loss(loss, f"step {step}", checkpoint_path)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
