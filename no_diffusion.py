@@ -3,23 +3,24 @@
 After Lim et al., "Score-based diffusion models in function space", and its reference code
 (neuraloperator/DiffusionOperators, first named NO_Diffusion). Functions on [0,1)^2 with two channels
 (cos phi, sin phi of an interferogram phase) are perturbed with Gaussian noise whose covariance is white or a
-stationary Gaussian random field (sampled by FFT circulant embedding), a sigma-conditioned FNO learns the
-noise (the score times -sigma), and samples come from annealed Langevin dynamics (the reference's sampler)
-or Heun's method on the probability-flow ODE with a little stochastic churn (Karras et al. 2022; far fewer
-network evaluations).
+stationary Gaussian random field (sampled by FFT circulant embedding), a sigma-conditioned FNO with Karras
+et al.'s (2022) preconditioning learns the denoiser (equivalently the noise, the score times -sigma), and
+samples come from annealed Langevin dynamics (the reference's sampler) or Heun's method on the
+probability-flow ODE (Karras et al. 2022; 30x fewer network evaluations).
 
-    python no_diffusion.py --outdir runs/nodiff                        # synthetic volcano, 64 px, train + eval, ~13 min
+    python no_diffusion.py --outdir runs/nodiff                        # synthetic volcano, 64 px, train + eval, ~12 min
     python no_diffusion.py --config json/rbf.json                      # runs/<run id>/rbf ($SAVEDIR, default runs)
     python no_diffusion.py --config json/indep.json --epochs 10        # white noise; flags override the file
     DATA_DIR=/path/to/ints python no_diffusion.py --config json/rbf-reference.json   # the reference's setting
     python no_diffusion.py --outdir runs/nodiff --resume               # continue a stopped run
-    python no_diffusion.py eval --exp-dir runs/nodiff --checkpoint model.w_total.pt --Ntest 1024 \\
+    python no_diffusion.py eval --exp-dir runs/nodiff --checkpoint model.worst_ratio.pt --Ntest 1024 \\
         --val-batch-size 128 --mode generate|plot|superres
 
 A run directory holds config.json, metrics.jsonl, model.pt (everything to resume), model.<metric>.pt (EMA
 weights at the best value of each metric), noise/noise_samples.png, noise/noise_sampler_C.png,
-u_noised.png, samples/<epoch>.png, stats/<epoch>.png (histograms of the circular statistics, real vs
-generated) and results.json (the metrics beside their real-vs-real floors).
+u_noised.png, samples/<epoch>.png (real functions beside generated ones), stats/<epoch>.png (histograms of
+the per-function statistics and the radial power spectra, real vs generated) and results.json (the metrics
+beside their real-vs-real floors and spreads, and the worst metric/floor ratio).
 """
 import argparse
 import glob
@@ -964,15 +965,15 @@ def build_parser():
              "ln sigma ~ N(--sigma-mean, --sigma-std^2) clipped to [sigma_L, sigma_1] (Karras et al. 2022)")
     add("--sigma-mean", type=float, default=-0.5, help="mean of ln sigma (--sigma-sampling lognormal)")
     add("--sigma-std", type=common.positive_float, default=1.5, help="std of ln sigma (--sigma-sampling lognormal)")
-    add("--epochs", type=common.positive_int, default=8,
-        help="passes over the training functions (8: about 9 min of training on 2 CPU cores)")
+    add("--epochs", type=common.positive_int, default=24,
+        help="passes over the training functions (24: about 10 min of training on 2 CPU cores)")
     add("--max-minutes", type=common.positive_float, default=None,
         help="stop training after this much training time (for equal-time comparisons)")
     add("--batch-size", type=common.positive_int, default=16, help="training batch size")
     add("--lr", type=common.positive_float, default=1e-3, help="Adam learning rate")
     add("--ema-decay", type=float, default=0.999, help="EMA decay of the weights (with warm-up)")
     add("--augment", action=argparse.BooleanOptionalAction, default=True, help="random horizontal/vertical flips")
-    add("--record-interval", type=common.positive_int, default=4, help="epochs between sample metrics (and at the end)")
+    add("--record-interval", type=common.positive_int, default=8, help="epochs between sample metrics (and at the end)")
     add("--Ntest", type=common.positive_int, default=256, help="samples for the metrics")
     add("--val-batch-size", type=common.positive_int, default=None,
         help=VAL_BATCH_HELP)
@@ -1181,7 +1182,9 @@ def main(argv=None):
             else:
                 epoch, batch_index = epoch + 1, 0
             elapsed = time.time() - started
-            print(f"epoch {epoch}/{args.epochs}: loss {last_loss:.4f} ({elapsed:.0f} s)")
+            label = (f"epoch {epoch + 1}/{args.epochs} stopped after {batch_index}/{steps_per_epoch} steps" if batch_index
+                     else f"epoch {epoch}/{args.epochs}")   # --max-minutes stops inside an epoch
+            print(f"{label}: loss {last_loss:.4f} ({elapsed:.0f} s)")
             finished = epoch >= args.epochs or (args.max_minutes is not None and elapsed > 60 * args.max_minutes)
             if epoch % args.record_interval == 0 or finished:
                 record_started = time.time()

@@ -126,7 +126,8 @@ def bench_ablation(args):
         with open(os.path.join(directory, "results.json")) as file:
             results = json.load(file)
         rows.append({"model": label, "train_time_s": results["train_time_s"], "steps": results["steps"],
-                     **{key: results.get(key) for key in no_diffusion.METRICS + no_diffusion.STRUCTURE + ("worst_ratio",)},
+                     **{key: results.get(key) for key in no_diffusion.METRICS + no_diffusion.STRUCTURE
+                        + ("source_found", "worst_ratio")},
                      "floor": results["floor"],
                      "evaluations": results["evaluations_per_sample"], "Ntest": results["Ntest"]})
     return rows
