@@ -287,7 +287,8 @@ def main(argv=None):
         common.set_rng_state(state["rng"])
         print(f"resumed from {checkpoint_path} at epoch {epoch}, step {step}")
     common.write_json(os.path.join(args.outdir, "config.json"), config)
-    logger = common.RunLogger(args.outdir, config, args.wandb, name=os.path.basename(os.path.normpath(args.outdir)))
+    logger = common.RunLogger(args.outdir, config, args.wandb, name=os.path.basename(os.path.normpath(args.outdir)),
+                              resume=bool(step))
     if step:
         logger.truncate_after(step)  # resumed: the steps after the checkpoint are logged again by this run
 
@@ -331,6 +332,7 @@ def main(argv=None):
                     elapsed = time.time() - started
                     save()
                     print(f"{stop.received} received: saved {checkpoint_path} at step {step}; rerun with --resume")
+                    logger.finish()  # the W&B run is continued by the resumed run (same id)
                     return
             epoch, batch_index = epoch + 1, 0
             elapsed = time.time() - started
@@ -351,14 +353,15 @@ def main(argv=None):
         originals = test_x[shown[0::2]], test_x[shown[1::2]]  # (10, 1, 28, 28) each, digits 0..9
         grid = torch.cat([originals[0], model(originals[0]), originals[1], model(originals[1])])
     recon_path = common.save_image_grid(os.path.join(args.outdir, "reconstructions.png"), grid.float(), nrow=10, scale=3)
-    logger.log_image("reconstructions", recon_path, caption="rows 1, 3: test digits; rows 2, 4: reconstructions")
+    logger.log_image("reconstructions", recon_path, caption="rows 1, 3: test digits; rows 2, 4: reconstructions",
+                     step=step)
     results = {"model": args.model, "dataset": data["name"], "test_reconstruction_mse": test_mse,
                "train_reconstruction_mse_first10k": train_mse, "epochs": epoch, "steps": step,
                "train_time_s": elapsed, "parameters": config["parameters"], "checkpoint": checkpoint_path}
     if args.tsne:
         count = min(args.tsne_points, len(test_x))
         save_tsne(os.path.join(args.outdir, "tsne.png"), encode_all(model, test_x[:count]), data["y_test"][:count], args.seed)
-        logger.log_image("tsne", os.path.join(args.outdir, "tsne.png"))
+        logger.log_image("tsne", os.path.join(args.outdir, "tsne.png"), step=step)
         results["tsne"] = os.path.join(args.outdir, "tsne.png")
     common.write_json(os.path.join(args.outdir, "results.json"), results)
     logger.log({"final/test_reconstruction_mse": test_mse}, step=step)

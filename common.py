@@ -28,6 +28,8 @@ import os
 import pickle
 import platform
 import random
+import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -790,21 +792,43 @@ def wandb_status():
 _wandb_failed = False
 
 
+def wandb_run_id(outdir, name, resume):
+    """The W&B run id of the run logging to outdir under `name`: read back from outdir/.wandb-<name>.id when
+    resuming (and the file exists), else a new one, written there atomically."""
+    path = os.path.join(outdir, ".wandb-" + re.sub(r"[^\w.-]", "_", name or "run") + ".id")
+    if resume and os.path.isfile(path):
+        with open(path) as file:
+            run_id = file.read().strip()
+        if run_id:
+            return run_id
+    run_id = secrets.token_hex(4)  # 8 characters of [0-9a-f], as W&B's own ids are short and URL-safe
+    os.makedirs(outdir, exist_ok=True)
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as file:
+        file.write(run_id + "\n")
+    os.replace(temporary, path)
+    return run_id
+
+
 class RunLogger:
     """Console + metrics.jsonl (one JSON object per log call) + optional W&B run.
 
-    mode: 'off' | 'offline' | 'online'. A W&B failure is reported once and the run continues."""
+    mode: 'off' | 'offline' | 'online'. A W&B failure is reported once and the run continues. The W&B run id
+    is kept in outdir/.wandb-<name>.id: a resumed run (resume=True, after a preemption or a SLURM requeue)
+    continues the same W&B run instead of opening a new one; a fresh run gets a new id."""
 
     def __init__(self, outdir, config, mode="off", project="diffusion-lab", group=None, name=None,
-                 jsonl_name="metrics.jsonl"):
+                 jsonl_name="metrics.jsonl", resume=False):
         global _wandb_failed
         self.path = os.path.join(outdir, jsonl_name)
         self.wandb = None
         if mode != "off" and not _wandb_failed:
             try:
                 import wandb
+                run_id = wandb_run_id(outdir, name, resume)
                 self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", project), group=group, name=name,
-                                        config=config, mode=mode, dir=outdir, reinit="create_new")
+                                        config=config, mode=mode, dir=outdir, reinit="create_new",
+                                        id=run_id, resume="allow")
             except Exception as error:  # said once per process; later loggers do not retry
                 _wandb_failed = True
                 print(f"W&B did not start ({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}); "
@@ -870,10 +894,11 @@ class RunLogger:
             os.replace(temporary, self.path)
         return dropped
 
-    def log_image(self, key, path, caption=None):
+    def log_image(self, key, path, caption=None, step=None):
+        """An image at the training step it belongs to (W&B would otherwise give it a step of its own)."""
         if self.wandb is not None:
             import wandb
-            self.wandb.log({key: wandb.Image(path, caption=caption)})
+            self.wandb.log({key: wandb.Image(path, caption=caption)}, step=step)
 
     def finish(self, summary=None):
         if self.wandb is not None:

@@ -406,7 +406,8 @@ def main(argv=None):
         repair_best_checkpoint(state, last_path, best_path)
     print(f"run directory: {run_dir}")
     common.write_json(os.path.join(run_dir, "config.json"), config)
-    logger = common.RunLogger(os.path.join(run_dir, "logs"), config, args.wandb, name=os.path.basename(run_dir))
+    logger = common.RunLogger(os.path.join(run_dir, "logs"), config, args.wandb, name=os.path.basename(run_dir),
+                              resume=bool(resumable))
     if resumable:
         logger.truncate_after(step)  # the steps after the checkpoint are logged again by this run
 
@@ -430,7 +431,7 @@ def main(argv=None):
     def sample_grid(name, count):
         z = sample_latents(ema.model, process, stats, count, "dpmpp", min(20, args.T), seed=args.seed, device=device)
         path = common.save_image_grid(os.path.join(run_dir, "samples", name), decode_latents(autoencoder, z, stats), nrow=8)
-        logger.log_image(f"samples/{name}", path, caption=f"epoch {epoch}, DPM-Solver++ 20 steps")
+        logger.log_image(f"samples/{name}", path, caption=f"epoch {epoch}, DPM-Solver++ 20 steps", step=step)
         return path
 
     # training loop: eps-prediction MSE (Ho et al. 2020, Alg. 1) on normalised latents
@@ -465,6 +466,7 @@ def main(argv=None):
                     elapsed = time.time() - started
                     save(last_path)
                     print(f"{stop.received} received: saved {last_path} at step {step}; rerun with --auto-resume")
+                    logger.finish()  # the W&B run is continued by the resumed run (same id)
                     return
             epoch, batch_index = epoch + 1, 0
             elapsed = time.time() - started

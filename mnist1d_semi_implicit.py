@@ -512,7 +512,7 @@ def run_config(name, seed, args, data, classifier, reference_features, device, s
 
     logger = common.RunLogger(args.outdir, {**vars(args), "config_name": name, "seed": seed, **logger_args},
                               args.wandb, project=args.wandb_project, group=os.path.basename(os.path.abspath(args.outdir)),
-                              name=f"{name}-seed{seed}")
+                              name=f"{name}-seed{seed}", resume=resumed)
     if resumed:  # the steps after the checkpoint are logged again: drop their first records
         logger.truncate_after(state["epoch"] * steps_per_epoch + state["step_in_epoch"], config=name, seed=seed)
     started = time.time() - state["runtime_s"]

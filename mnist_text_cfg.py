@@ -733,8 +733,8 @@ def train(args, rank, world_size, device):
             print(f"resuming from {existing[-1]} at epoch {progress['epoch']}, step {progress['step']}")
     if is_main:
         common.write_json(os.path.join(args.outdir, "config.json"), config)
-    logger = common.RunLogger(args.outdir, config, args.wandb, name=os.path.basename(os.path.abspath(args.outdir))) \
-        if is_main else None
+    logger = common.RunLogger(args.outdir, config, args.wandb, name=os.path.basename(os.path.abspath(args.outdir)),
+                              resume=bool(existing)) if is_main else None
     if logger is not None and existing:
         logger.truncate_after(progress["step"])  # the steps after the checkpoint are logged again by this run
 
@@ -789,7 +789,8 @@ def train(args, rank, world_size, device):
                                args.sample_steps, seed=args.seed)
         prompts = [TRAIN_TEMPLATES[0].format(digit=d) for d in range(10)]
         path = save_labelled_grid(os.path.join(args.outdir, "samples", name), images, prompts, args.grid_columns)
-        logger.log_image("samples/grid", path, caption=f"epoch {progress['epoch']}, rows: " + "; ".join(prompts))
+        logger.log_image("samples/grid", path, caption=f"epoch {progress['epoch']}, rows: " + "; ".join(prompts),
+                         step=progress["step"])
 
     if args.clip_score and is_main:
         clip_scorer(args.text_encoder_path or CLIP_MODEL_ID, "cpu")  # fail now, not after training

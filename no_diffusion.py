@@ -1096,7 +1096,7 @@ def main(argv=None):
         print(f"resuming {run_dir} at epoch {epoch}, step {step}")
     print(f"run directory: {run_dir}")
     common.write_json(os.path.join(run_dir, "config.json"), config)
-    logger = common.RunLogger(run_dir, config, args.wandb, name=os.path.basename(run_dir))
+    logger = common.RunLogger(run_dir, config, args.wandb, name=os.path.basename(run_dir), resume=args.resume)
     if args.resume:
         logger.truncate_after(step)  # the steps after the checkpoint are logged again by this run
     if not args.resume:
@@ -1177,6 +1177,7 @@ def main(argv=None):
                     save(checkpoint_path)
                     if stop.received:
                         print(f"{stop.received} received: saved {checkpoint_path} at step {step}; rerun with --resume")
+                        logger.finish()  # the W&B run is continued by the resumed run (same id)
                         return None
                     break
             else:
