@@ -16,6 +16,7 @@ import common
 import helpers
 from helpers import one_thread  # noqa: F401 (an autouse fixture)
 import no_diffusion
+import test_no_diffusion
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402
@@ -81,20 +82,17 @@ def history_rows(records):
 
 
 def tiny_args(outdir, data_dir, *extra):
-    return ["--outdir", str(outdir), "--data-dir", str(data_dir), "--dataset", "grf", "--resolution", "16",
-            "--n-functions", "320", "--width", "8", "--modes", "4", "--layers", "2", "--batch-size", "32",
-            "--L", "20", "--Ntest", "16", "--steps", "4", "--record-interval", "2", "--epochs", "2",
-            "--log-every", "1", "--no-progress", "--wandb", "offline", *extra]
+    """test_no_diffusion's tiny run, every step logged, offline W&B (later flags override earlier ones)."""
+    return test_no_diffusion.tiny_args(outdir, data_dir, "--Ntest", "16", "--record-interval", "2", "--log-every", "1",
+                                       "--wandb", "offline", *extra)
 
 
 def test_a_resumed_run_continues_the_same_wandb_run_with_every_step_once(tmp_path, monkeypatch):
     data_dir, outdir = tmp_path / "data", tmp_path / "run"
-    monkeypatch.setattr(common, "StopSignal", helpers.StopAfter)     # SIGTERM after 5 steps (mid-epoch)
-    assert run_cli(tiny_args(outdir, data_dir)) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(common, "StopSignal", helpers.StopAfter)       # SIGTERM after 5 steps (mid-epoch)
+        assert run_cli(tiny_args(outdir, data_dir)) == 0
     assert not (outdir / "results.json").exists()
-    monkeypatch.undo()
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_CONSOLE", "off")
     assert run_cli(tiny_args(outdir, data_dir, "--resume")) == 0
 
     (id_file,) = glob.glob(str(outdir / ".wandb-*.id"))
