@@ -10,7 +10,7 @@ Sections, top to bottom:
   building blocks          timestep_embedding, FiLM, ResBlock (1-D and 2-D), UNet1d, EMA
   metrics                  frechet_distance, frechet_distance_or_reason
   checkpoints              save_checkpoint (atomic), load_checkpoint (weights_only, checked metadata)
-  logging                  RunLogger (console + metrics.jsonl + optional W&B), StopSignal
+  logging                  atomic_write, write_json, RunLogger (console + metrics.jsonl + optional W&B), StopSignal
   data                     load_mnist1d; MNIST: load_mnist (auto|mnist|mnist5k), fetch_mnist, read_idx
   MNIST classifier         MnistClassifier, load_mnist_classifier (trained once, cached), classifier_outputs, sample_metrics
   images                   save_image_grid
@@ -756,13 +756,27 @@ def finite_loss(loss, where, checkpoint_path):
 # ----------------------------------------------------------------------------------------------
 # logging and run directory
 
+def atomic_write(path, write, mode="w"):
+    """write(file) into a temporary file beside `path`, then rename it over `path`: a reader sees the old file or
+    the new one, never half of one. The temporary's name holds the host and pid, so processes writing the same
+    file at once (the tasks of a SLURM array share an outdir and a data dir) never share a temporary."""
+    temporary = f"{path}.tmp-{_host()}-{os.getpid()}"
+    try:
+        with open(temporary, mode) as file:
+            write(file)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
 def write_json(path, data):
-    """Atomic JSON write (temporary file + rename)."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as file:
+    """Atomic JSON write."""
+    def write(file):
         json.dump(data, file, indent=2, default=float)
         file.write("\n")
-    os.replace(temporary, path)
+    atomic_write(path, write)
 
 
 def prepare_outdir(outdir):
@@ -803,10 +817,7 @@ def wandb_run_id(outdir, name, resume):
             return run_id
     run_id = secrets.token_hex(4)  # 8 characters of [0-9a-f], as W&B's own ids are short and URL-safe
     os.makedirs(outdir, exist_ok=True)
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as file:
-        file.write(run_id + "\n")
-    os.replace(temporary, path)
+    atomic_write(path, lambda file: file.write(run_id + "\n"))
     return run_id
 
 
@@ -888,10 +899,7 @@ class RunLogger:
                 else:
                     kept.append(line if line.endswith("\n") else line + "\n")
         if dropped:
-            temporary = f"{self.path}.tmp"
-            with open(temporary, "w") as file:
-                file.writelines(kept)
-            os.replace(temporary, self.path)
+            atomic_write(self.path, lambda file: file.writelines(kept))
         return dropped
 
     def log_image(self, key, path, caption=None, step=None):
@@ -959,10 +967,7 @@ def load_mnist1d(data_dir, seed=42):
             np.random.set_state(numpy_state)
         data = {k: data[k] for k in ("x", "y", "x_test", "y_test", "t")}
         try:
-            temporary = f"{path}.tmp"
-            with open(temporary, "wb") as file:
-                pickle.dump(data, file)
-            os.replace(temporary, path)
+            atomic_write(path, lambda file: pickle.dump(data, file), mode="wb")
         except OSError as error:
             raise UserError(f"cannot write the MNIST1D cache into --data-dir {data_dir}: {error.strerror}")
     return {
@@ -1008,9 +1013,8 @@ def _check_and_move(source, data_dir, name):
     """Verify the SHA-256 of a raw IDX file, then move it into data_dir atomically."""
     if file_sha256(source) != MNIST_FILES[name]:
         raise OSError(f"{name}: SHA-256 mismatch")
-    temporary = os.path.join(data_dir, f".tmp-{name}")
-    shutil.copyfile(source, temporary)
-    os.replace(temporary, os.path.join(data_dir, name))
+    with open(source, "rb") as raw:
+        atomic_write(os.path.join(data_dir, name), lambda file: shutil.copyfileobj(raw, file), mode="wb")
 
 
 def _fetch_from_mirror(mirror, data_dir, scratch, timeout):

@@ -16,6 +16,7 @@ results.json (every metric and curve), report.md, and PNG plots (loss_curves, lo
 prime_inverse, forward_mse_vs_t, samples_<config>).
 """
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -882,35 +883,40 @@ def report_main(argv):
     config_path = os.path.join(options.outdir, "config.json")
     if not os.path.isfile(config_path):
         raise common.UserError(f"{options.outdir} holds no sweep (no config.json)")
-    with open(config_path) as file:
-        saved = json.load(file)
-    args = parse_args(["--outdir", options.outdir, "--configs", *ALL_CONFIGS])
-    for key in RUN_IDENTITY + ("data_dir", "seed", "seeds"):
-        if key in saved:
-            setattr(args, key, saved[key])
-    device = common.pick_device(options.device)
-    identity = run_identity(args)
-    configs = []
-    for name in ALL_CONFIGS:
-        per_seed = []
-        for seed in range(1000):
-            path = os.path.join(options.outdir, "runs", f"{name}-seed{seed}", "result.json")
-            if not os.path.exists(path):
-                continue
-            with open(path) as file:
-                result = json.load(file)
-            if result.get("identity") != identity:
-                print(f"left out {path}: run with other settings than {config_path}")
-                continue
-            per_seed.append(result)
-        if per_seed:
-            configs.append(aggregate(per_seed))
-            print(f"{name}: seeds {[r['seed'] for r in per_seed]}")
-    if not configs:
-        raise common.UserError(f"no finished config in {options.outdir}/runs with the settings of {config_path}")
-    refs = references(args, device)
-    plots = ["prime_inverse.png"] if os.path.exists(os.path.join(options.outdir, "prime_inverse.png")) else []
-    return write_outputs(configs, refs, args, device, plots)
+    # The tasks of an array end at nearly the same time and each merges: one merge at a time (an exclusive lock
+    # on outdir/.report.lock), so a merge that read before another task's result.json existed cannot overwrite
+    # the later, complete one.
+    with open(os.path.join(options.outdir, ".report.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(config_path) as file:
+            saved = json.load(file)
+        args = parse_args(["--outdir", options.outdir, "--configs", *ALL_CONFIGS])
+        for key in RUN_IDENTITY + ("data_dir", "seed", "seeds"):
+            if key in saved:
+                setattr(args, key, saved[key])
+        device = common.pick_device(options.device)
+        identity = run_identity(args)
+        configs = []
+        for name in ALL_CONFIGS:
+            per_seed = []
+            for seed in range(1000):
+                path = os.path.join(options.outdir, "runs", f"{name}-seed{seed}", "result.json")
+                if not os.path.exists(path):
+                    continue
+                with open(path) as file:
+                    result = json.load(file)
+                if result.get("identity") != identity:
+                    print(f"left out {path}: run with other settings than {config_path}")
+                    continue
+                per_seed.append(result)
+            if per_seed:
+                configs.append(aggregate(per_seed))
+                print(f"{name}: seeds {[r['seed'] for r in per_seed]}")
+        if not configs:
+            raise common.UserError(f"no finished config in {options.outdir}/runs with the settings of {config_path}")
+        refs = references(args, device)
+        plots = ["prime_inverse.png"] if os.path.exists(os.path.join(options.outdir, "prime_inverse.png")) else []
+        return write_outputs(configs, refs, args, device, plots)
 
 
 def main(argv=None):

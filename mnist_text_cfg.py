@@ -378,9 +378,7 @@ def reference_stats(path, compute):
     if path:
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            temporary = f"{path}.tmp.npz"
-            np.savez(temporary, **stats)
-            os.replace(temporary, path)
+            common.atomic_write(path, lambda file: np.savez(file, **stats), mode="wb")
         except OSError as error:
             print(f"could not cache reference statistics at {path} ({error.strerror}); continuing")
     return stats

@@ -5,6 +5,7 @@
 #   sbatch slurm/launch_exp.sh json/indep.json --epochs 50          # extra flags override the JSON file
 #   DATA_DIR=/path/to/volcano/ints sbatch --time=2-00:00:00 slurm/launch_exp.sh json/rbf-reference.json
 #   SAVEDIR=/tmp/try bash slurm/launch_exp.sh json/rbf.json --epochs 1 --Ntest 16   # local run, no SLURM
+#   sbatch --gres=gpu:0 -c 2 --mem=8G slurm/launch_exp.sh json/rbf.json --epochs 1   # on slurm/local_cluster.sh (CPU)
 #
 # Outputs go to $SAVEDIR/<run id>/<experiment name> (SAVEDIR defaults to runs; the run id is the SLURM job id,
 # which a requeued job keeps, so it resumes in the same directory). Preemption and time limits: SLURM sends
@@ -22,7 +23,7 @@
 set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
-if [ -f .venv/bin/activate ]; then source .venv/bin/activate; fi
+if [ -f "${VENV_DIR:-.venv}/bin/activate" ]; then source "${VENV_DIR:-.venv}/bin/activate"; fi  # else the python on PATH
 
 CONFIG=${1:?usage: launch_exp.sh <json/experiment.json> [more no_diffusion.py flags]}
 shift
@@ -30,6 +31,7 @@ NAME=$(basename "$CONFIG" .json)
 RUN_ID=${RUN_ID:-${SLURM_JOB_ID:-$(date +%Y%m%d-%H%M%S)}}
 RUN_DIR="${SAVEDIR:-runs}/$RUN_ID/$NAME"
 CHECKPOINT=${CHECKPOINT:-model.w_total.pt}
+EVAL_FLAGS=${EVAL_FLAGS:-}   # more (or overriding) eval flags, e.g. "--Ntest 256"
 RESUME=""
 [ -f "$RUN_DIR/model.pt" ] && RESUME="--resume"
 
@@ -41,5 +43,5 @@ if [ ! -f "$RUN_DIR/results.json" ]; then
 fi
 for mode in generate plot superres; do
     run_step python no_diffusion.py eval --exp-dir "$RUN_DIR" --checkpoint "$CHECKPOINT" --Ntest 1024 \
-        --val-batch-size 128 --mode "$mode" --no-progress
+        --val-batch-size 128 --mode "$mode" --no-progress $EVAL_FLAGS
 done

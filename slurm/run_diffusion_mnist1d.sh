@@ -5,6 +5,7 @@
 #   sbatch slurm/run_diffusion_mnist1d.sh            # all 8 configs in one CPU job (4-16 min on 2 idle cores)
 #   sbatch --array=0-7 slurm/run_diffusion_mnist1d.sh   # one config per array task, all into one outdir
 #   python mnist1d_semi_implicit.py report --outdir runs/mnist1d-<array job id>   # merge what has finished
+#   sbatch -c 1 --mem=2G --array=0-7 slurm/run_diffusion_mnist1d.sh --epochs 1   # on slurm/local_cluster.sh
 #
 # Extra arguments are passed on to the script (... --seeds 3 --epochs 60); give every array task the same.
 # In an array each task merges the finished configs into results.json/report.md when it ends, so the
@@ -22,7 +23,7 @@
 #SBATCH --signal=B:USR1@120
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
-source "${VENV_DIR:-.venv}/bin/activate"
+if [ -f "${VENV_DIR:-.venv}/bin/activate" ]; then source "${VENV_DIR:-.venv}/bin/activate"; fi  # else the python on PATH
 CONFIGS=(mse-gaussian-implicit mse-gaussian-semi-implicit mse-convex-implicit mse-convex-semi-implicit
          kl-gaussian-implicit kl-gaussian-semi-implicit kl-convex-implicit kl-convex-semi-implicit)
 
@@ -36,7 +37,7 @@ else
     [ -d "$OUTDIR/runs" ] && SELECT=(--resume)
 fi
 
-python mnist1d_semi_implicit.py --check
+python mnist1d_semi_implicit.py --check "$@"   # seconds: imports, data, device, one step, with the run's flags
 python mnist1d_semi_implicit.py --outdir "$OUTDIR" --threads "${SLURM_CPUS_PER_TASK:-4}" --no-progress "${SELECT[@]}" "$@" &
 child=$!
 # Time limit or preemption: the script checkpoints and exits; then put the job back in the queue.

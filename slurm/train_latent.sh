@@ -6,6 +6,7 @@
 #   AE_MODEL=mlp AE_EPOCHS=20 EPOCHS=50 ONLY_DIGIT=7 sbatch -p short slurm/train_latent.sh
 #   DATASET=mnist5k AE_EPOCHS=1 EPOCHS=1 OUTDIR=/tmp/try LATENT_FLAGS="--eval-samples 500" \
 #       bash slurm/train_latent.sh                                 # local dry run, no SLURM
+#   DATASET=mnist5k AE_EPOCHS=1 EPOCHS=1 sbatch --gres=gpu:0 -c 2 --mem=8G slurm/train_latent.sh   # slurm/local_cluster.sh
 #
 # Preemption and time limits: SLURM sends SIGUSR1 to this shell two minutes before the end (--signal);
 # it is forwarded to the Python process, which checkpoints and exits cleanly; the job then requeues
@@ -22,7 +23,7 @@
 set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
-if [ -f .venv/bin/activate ]; then source .venv/bin/activate; fi
+if [ -f "${VENV_DIR:-.venv}/bin/activate" ]; then source "${VENV_DIR:-.venv}/bin/activate"; fi  # else the python on PATH
 
 AE_MODEL=${AE_MODEL:-conv}
 AE_EPOCHS=${AE_EPOCHS:-12}
@@ -31,6 +32,7 @@ OUTDIR=${OUTDIR:-runs}
 DATASET=${DATASET:-auto}
 DIGIT_FLAG=${ONLY_DIGIT:+--only-digit $ONLY_DIGIT}
 WANDB=${WANDB:-off}
+AE_FLAGS=${AE_FLAGS:-}           # more autoencoders.py flags, e.g. "--tsne-points 500"
 LATENT_FLAGS=${LATENT_FLAGS:-}   # more latent_diffusion.py flags, e.g. "--hidden-dim 512 --ema-decay 0.9999"
 
 source slurm/requeue.sh  # run_step: forwards USR1/TERM to the step, then requeues the job
@@ -40,7 +42,7 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is
 # 1. the autoencoder (skipped when a finished one is there)
 if [ ! -f "$OUTDIR/ae-$AE_MODEL/results.json" ]; then
     run_step python autoencoders.py --model "$AE_MODEL" --epochs "$AE_EPOCHS" --outdir "$OUTDIR/ae-$AE_MODEL" \
-        --dataset "$DATASET" --tsne --resume --no-progress --wandb "$WANDB"
+        --dataset "$DATASET" --tsne --resume --no-progress --wandb "$WANDB" $AE_FLAGS
 fi
 
 # 2. latent diffusion on its latents, evaluated at the end into <run>/results.json

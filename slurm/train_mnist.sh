@@ -6,6 +6,8 @@
 #   sbatch --gres=gpu:4 --export=ALL,GPUS_PER_NODE=4 slurm/train_mnist.sh
 #   EPOCHS=20 TEXT_ENCODER=class FLAGS="--batch-size 256" sbatch slurm/train_mnist.sh
 #   GPUS_PER_NODE=1 EPOCHS=1 OUTDIR=/tmp/try FLAGS="--dataset mnist5k --device cpu" bash slurm/train_mnist.sh  # local dry run
+#   GPUS_PER_NODE=2 EPOCHS=1 FLAGS="--dataset mnist5k --device cpu" sbatch --gres=gpu:0 -c 2 --mem=8G slurm/train_mnist.sh
+#                                                # on slurm/local_cluster.sh: 2 gloo processes on the CPU
 #
 # One torchrun per node (srun --ntasks-per-node=1); torchrun starts GPUS_PER_NODE processes there and they meet
 # at the first node of the allocation (c10d rendezvous, port RDZV_PORT). --batch-size is per process.
@@ -25,7 +27,7 @@
 set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
-if [ -f .venv/bin/activate ]; then source .venv/bin/activate; fi
+if [ -f "${VENV_DIR:-.venv}/bin/activate" ]; then source "${VENV_DIR:-.venv}/bin/activate"; fi  # else the python on PATH
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-2}
 NODES=${SLURM_JOB_NUM_NODES:-1}

@@ -8,6 +8,7 @@ latency. PyTorch starts one for transcendental ops and indexing from ~2k element
 arithmetic from ~32k elements. So per-row tensors (the samplers' (B, 1) coefficients, t indexing)
 stay at <= 1000 rows, and large sample counts are spread over columns: every op here is
 element-wise, so a (1000, 20) tensor is 20000 independent 1-D samples."""
+import json
 import math
 import os
 import pickle
@@ -1319,3 +1320,17 @@ def test_stop_signal_flags_and_restores():
     finally:
         stop.close()
     assert signal.getsignal(signal.SIGUSR1) == previous
+
+
+def test_atomic_write_leaves_the_old_file_when_a_write_fails_and_names_its_temporary_by_process(tmp_path):
+    path = tmp_path / "results.json"
+    common.write_json(path, {"a": 1})
+
+    def fail_halfway(file):
+        assert file.name.endswith(f"-{os.getpid()}")  # concurrent writers (array tasks) never share a temporary
+        file.write('{"a": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        common.atomic_write(path, fail_halfway)
+    assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["results.json"]

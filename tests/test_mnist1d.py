@@ -600,3 +600,24 @@ def test_report_merges_the_finished_configs_with_the_same_settings(sweep, tmp_pa
     assert json.loads((merged_dir / "results.json").read_text())["configs"][0]["name"] == names[0]
     with pytest.raises(common.UserError, match="no config.json"):
         m1d.main(["report", "--outdir", str(tmp_path / "empty")])
+
+
+def test_report_merges_one_at_a_time(sweep, tmp_path, monkeypatch):
+    """The tasks of an array end together and each merges: a merge waits for another's lock, so the last to take it
+    reads every finished result (a merge that read earlier cannot overwrite the later, complete one)."""
+    import fcntl
+    import shutil
+    import threading
+    merged_dir = tmp_path / "merged"
+    shutil.copytree(sweep[0], merged_dir)
+    (merged_dir / "results.json").unlink()
+    read_results = threading.Event()
+    aggregate = m1d.aggregate
+    monkeypatch.setattr(m1d, "aggregate", lambda per_seed: read_results.set() or aggregate(per_seed))
+    with open(merged_dir / ".report.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another task's merge in progress
+        merge = threading.Thread(target=m1d.main, args=(["report", "--outdir", str(merged_dir)],))
+        merge.start()
+        assert not read_results.wait(timeout=2)  # without the lock it reads the results in milliseconds
+    merge.join(timeout=300)
+    assert not merge.is_alive() and len(json.loads((merged_dir / "results.json").read_text())["configs"]) == 8

@@ -23,14 +23,17 @@ import mnist_text_cfg as script
 run_cli = functools.partial(helpers.run_cli, script.main)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A --data-dir with an untrained MNIST classifier in the cache (training one would take a minute)."""
-    path = tmp_path_factory.mktemp("data")
+def with_untrained_classifier(path):
+    """`path` as a --data-dir with an untrained MNIST classifier in the cache (training one would take a minute)."""
     common.save_checkpoint(str(path / "mnist-classifier-mnist5k.pt"),
                            {"model": common.MnistClassifier().state_dict(),
                             "meta": common.checkpoint_meta("common", "mnist-classifier", dataset="mnist5k")})
     return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return with_untrained_classifier(tmp_path_factory.mktemp("data"))
 
 
 def tiny_args(outdir, data_dir, *extra):
@@ -352,8 +355,13 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path, dat
                                 text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert result.returncode == 0, result.stderr[-2000:]
         return torch.load(tmp_path / name / "checkpoints" / "final.pt", weights_only=True)
-    two, one = run("ddp", 2, 8), run("single", 1, 16)
-    assert two["config"]["world_size"] == 2 and two["progress"]["step"] == one["progress"]["step"] == 1
+    assert_one_step_of_two_processes_equals_one_process(run("ddp", 2, 8), run("single", 1, 16))
+
+
+def assert_one_step_of_two_processes_equals_one_process(two, one):
+    """`two`, `one`: the final checkpoints of one step with 2 processes at batch B and 1 process at batch 2B."""
+    assert two["config"]["world_size"] == 2 and one["config"]["world_size"] == 1
+    assert two["progress"]["step"] == one["progress"]["step"] == 1
     torch.manual_seed(0)  # the script's --seed 0: its initialisation
     start = script.TextUNet(**two["meta"]["model_args"]).state_dict()
     moved = 0
