@@ -96,6 +96,14 @@ def nonnegative_float(text):
     return value
 
 
+def noise_interval(text):
+    """argparse type: 'LO,HI' -> (LO, HI), noise levels sigma with 0 <= LO <= HI ('inf' allowed)."""
+    low, high = (float(value) for value in text.split(","))
+    if not 0 <= low <= high:
+        raise ValueError(f"expected LO,HI with 0 <= LO <= HI, got {text}")
+    return low, high
+
+
 # ----------------------------------------------------------------------------------------------
 # device, seeding, rng
 
@@ -432,19 +440,37 @@ SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp": sample_dpmpp_2m,
             "dpmpp-3m-sde": functools.partial(sample_dpmpp_3m, eta=1.0)}
 
 
-def cfg_denoiser(model_fn, cond, null_cond, guidance_scale):
+def cfg_denoiser(model_fn, cond, null_cond, guidance_scale, guided=None):
     """Classifier-free guidance (Ho & Salimans 2022, Eq. 6) as a denoiser usable by every sampler.
 
     model_fn(x, t, cond) -> x0_hat. Returns denoise(x, t) = uncond + w * (cond - uncond); with
-    w = 1 the conditional model alone is evaluated (one pass)."""
+    w = 1 the conditional model alone is evaluated (one pass). guided(t) -> (B,) bool, optional: where
+    guidance applies (guidance_interval); elsewhere denoise is the conditional model alone, in one pass
+    when no sample of the batch is guided."""
     if guidance_scale == 1.0:
         return lambda x, t: model_fn(x, t, cond)
 
     def denoise(x, t):
+        mask = None if guided is None else guided(t)  # (B,) bool
+        if mask is not None and not mask.any():
+            return model_fn(x, t, cond)
         both = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null_cond]))
         conditional, unconditional = both.chunk(2)
-        return unconditional + guidance_scale * (conditional - unconditional)
+        mixed = unconditional + guidance_scale * (conditional - unconditional)
+        if mask is None:
+            return mixed
+        return torch.where(mask.view(-1, *[1] * (x.dim() - 1)), mixed, conditional)
     return denoise
+
+
+def guidance_interval(process, low, high):
+    """guided(t) for cfg_denoiser: guidance only where the noise level sigma_t = b_t / a_t (the noise-to-signal
+    ratio of x_t / a_t, EDM's sigma) lies in [low, high] (Kynkaanniemi et al. 2024, "Applying guidance in a
+    limited interval improves sample and distribution quality in diffusion models", Sec. 3). t: (B,) long."""
+    sigma = process.b / process.a  # (T+1,), 0 at t = 0
+    inside = (sigma >= low) & (sigma <= high)
+    return lambda t: inside.to(t.device)[t]
+
 
 
 def tqdm_maybe(iterable, enabled, **kwargs):

@@ -40,7 +40,7 @@ NULL_LABEL = NUM_CLASSES  # the "no label" token for classifier-free guidance
 # config's result.json, only when all of them match (the seed is in the run directory's name).
 RUN_IDENTITY = ("epochs", "batch_size", "lr", "warmup_steps", "grad_clip", "width", "T", "schedule", "label_dropout",
                 "weight_forward", "weight_inverse", "weight_rt_fi", "weight_rt_if", "ema_decay", "eval_strata",
-                "sampler", "sample_steps", "guidance_scale", "samples_per_class", "dataset_seed")
+                "sampler", "sample_steps", "guidance_scale", "guidance_interval", "samples_per_class", "dataset_seed")
 
 # ----------------------------------------------------------------------------------------------
 # The prime inverse: one deterministic transform per digit (0, 1 and 9 fixed by the user).
@@ -99,6 +99,9 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default="dpmpp", choices=sorted(common.SAMPLERS), help="sampler for generation")
     p.add_argument("--sample-steps", type=common.positive_int, default=50, help="network evaluations per generated batch")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = conditional only)")
+    p.add_argument("--guidance-interval", type=common.noise_interval, default=None, metavar="LO,HI",
+                   help="guide only at noise levels sigma = b_t / a_t in [LO, HI] (Kynkaanniemi et al. 2024; "
+                        "default: every step)")
     p.add_argument("--samples-per-class", type=common.positive_int, default=100, help="generated signals per digit for FD and accuracy")
     p.add_argument("--seed", type=int, default=0, help="first training seed")
     p.add_argument("--seeds", type=common.positive_int, default=1, help="repeat every config over this many seeds (seed, seed+1, ...)")
@@ -401,7 +404,8 @@ def generate(model, process, args, device, seed):
     generator = torch.Generator().manual_seed(seed)
     x_T = process.b[-1].item() * torch.randn((len(labels), 40), generator=generator).to(device)
     model_fn = lambda x, t, cond: model(x, t, torch.zeros_like(cond), cond)  # z = 0: the generative direction
-    denoise = common.cfg_denoiser(model_fn, labels, torch.full_like(labels, NULL_LABEL), args.guidance_scale)
+    guided = common.guidance_interval(process, *args.guidance_interval) if args.guidance_interval else None
+    denoise = common.cfg_denoiser(model_fn, labels, torch.full_like(labels, NULL_LABEL), args.guidance_scale, guided)
     sampler = common.SAMPLERS[args.sampler]
     return sampler(denoise, x_T, process, args.sample_steps, generator=generator), labels
 

@@ -720,6 +720,70 @@ def test_cfg_denoiser_guidance_formula(w):
     if w == 0.0:
         torch.testing.assert_close(out, u, rtol=0, atol=0)
 
+def test_guidance_interval_covering_everything_is_cfg_and_an_empty_one_is_the_conditional_model():
+    process = gaussian_process(100)
+    gen = torch.Generator().manual_seed(14)
+    x, cond, null = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen), -0.5 * torch.ones(4, 3)
+    t = torch.tensor([1, 20, 60, 100])
+    counter = []
+    plain = cfg_denoiser(toy_model_fn(counter), cond, null, 3.0)(x, t)
+    everywhere = cfg_denoiser(toy_model_fn(counter), cond, null, 3.0, common.guidance_interval(process, 0, math.inf))(x, t)
+    assert torch.equal(everywhere, plain) and counter == [8, 8]
+    counter.clear()
+    nowhere = cfg_denoiser(toy_model_fn(counter), cond, null, 3.0, common.guidance_interval(process, 1e9, 1e9))(x, t)
+    assert torch.equal(nowhere, cfg_denoiser(toy_model_fn([]), cond, null, 1.0)(x, t)) and counter == [4]  # one pass
+
+
+def test_guidance_interval_selects_the_noise_levels_sigma_b_over_a():
+    process = gaussian_process(100)
+    a, b = np_process("gaussian-cosine", 100)
+    sigma = b / a
+    low, high = 0.5, 3.0
+    guided = common.guidance_interval(process, low, high)
+    t = torch.arange(101)
+    assert guided(t).tolist() == [bool(low <= s <= high) for s in sigma]
+    assert 0 < guided(t).sum() < 100
+    # in a batch of mixed noise levels: guided rows are CFG, the others the conditional model
+    gen = torch.Generator().manual_seed(15)
+    x, cond, null = torch.randn(101, 3, generator=gen), torch.randn(101, 3, generator=gen), torch.zeros(101, 3)
+    out = cfg_denoiser(toy_model_fn([]), cond, null, 2.0, guided)(x, t)
+    inside = guided(t)
+    assert torch.equal(out[inside], cfg_denoiser(toy_model_fn([]), cond, null, 2.0)(x, t)[inside])
+    assert torch.equal(out[~inside], cfg_denoiser(toy_model_fn([]), cond, null, 1.0)(x, t)[~inside])
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+def test_interval_guided_sampling_of_a_gaussian_toy_lies_between_cfg_and_the_conditional_law(sampler):
+    """Class-conditional Gaussians x0 | c ~ N(c, s^2), c = +-1, with an exact denoiser (cond 0: the mixture's
+    posterior mean). Guidance on no step samples the conditional law, exactly as the conditional model does; on
+    every step, as plain CFG; on the high-noise steps only, a law whose mean CFG pulls less far."""
+    process, s2, w, steps = gaussian_process(1000), 0.25, 4.0, 20
+
+    def model_fn(x, t, cond):
+        a, b = process.a[t].float()[:, None], process.b[t].float()[:, None]
+        var = a**2 * s2 + b**2  # variance of x_t given c
+
+        def mean_given(mu):
+            return mu + a * s2 / var * (x - a * mu)
+        weight = torch.sigmoid(2 * a * x / var)  # p(c = +1 | x_t) for the mixture of N(a, var) and N(-a, var)
+        mixture = weight * mean_given(1.0) + (1 - weight) * mean_given(-1.0)
+        return torch.where(cond == 0, mixture, mean_given(cond))
+
+    n = 4000
+    cond, null = torch.ones(n, 1), torch.zeros(n, 1)
+    x_T = torch.randn(n, 1, generator=torch.Generator().manual_seed(3)) * process.b[-1].float()
+
+    def draw(guided, scale):
+        denoise = cfg_denoiser(model_fn, cond, null, scale, guided)
+        return common.SAMPLERS[sampler](denoise, x_T.clone(), process, steps, generator=torch.Generator().manual_seed(4))
+
+    conditional, plain = draw(None, 1.0), draw(None, w)
+    assert torch.equal(draw(common.guidance_interval(process, 1e9, 1e9), w), conditional)
+    assert torch.equal(draw(common.guidance_interval(process, 0, math.inf), w), plain)
+    high_noise = draw(common.guidance_interval(process, 1.0, math.inf), w)
+    assert abs(conditional.mean() - 1) < 0.05  # the conditional law (its variance is the sampler's, at 20 steps)
+    assert conditional.mean() < high_noise.mean() < plain.mean()
+
 
 CFG_CASES = [("ddpm-200", sample_ddpm, 200, {}), ("ddim-eta0-50", sample_ddim, 50, {}),
              ("ddim-eta1-200", sample_ddim, 200, {"eta": 1.0}), ("dpmpp2m-20", sample_dpmpp_2m, 20, {}),

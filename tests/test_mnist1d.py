@@ -621,3 +621,22 @@ def test_report_merges_one_at_a_time(sweep, tmp_path, monkeypatch):
         assert not read_results.wait(timeout=2)  # without the lock it reads the results in milliseconds
     merge.join(timeout=300)
     assert not merge.is_alive() and len(json.loads((merged_dir / "results.json").read_text())["configs"]) == 8
+
+
+@pytest.mark.parametrize("process_name", ["gaussian", "convex"])
+def test_class_guidance_on_a_noise_interval_reduces_to_cfg_and_to_the_conditional_model(process_name):
+    """mnist1d's class guidance takes --guidance-interval: covering every noise level it is plain CFG, covering
+    none it is the conditional model (scale 1), and in between it differs from both."""
+    torch.manual_seed(0)
+    process = common.make_process(process_name, 100, "cosine")
+    model = m1d.Denoiser(process, 8).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # zero-initialised layers would make the label irrelevant
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    draw = lambda *flags: m1d.generate(model, process, m1d.parse_args(["--T", "100", "--samples-per-class", "2",
+                                                                        "--sample-steps", "5", *flags]), "cpu", seed=1)[0]
+    plain, conditional = draw("--guidance-scale", "4"), draw("--guidance-scale", "1")
+    assert torch.equal(draw("--guidance-scale", "4", "--guidance-interval", "0,inf"), plain)
+    assert torch.equal(draw("--guidance-scale", "4", "--guidance-interval", "1e9,1e9"), conditional)
+    middle = draw("--guidance-scale", "4", "--guidance-interval", "0.5,5")
+    assert not torch.equal(middle, plain) and not torch.equal(middle, conditional)

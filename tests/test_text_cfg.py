@@ -213,6 +213,9 @@ def test_minilm_smoke_train_outputs_and_generate(minilm_run, data_dir, tmp_path)
         assert key in results, key
     assert results["steps"] == 8 and results["dataset"] == "mnist5k" and results["fid_kind"] == "lenet"
     assert len(results["prompt_accuracy_per_digit"]) == 10 and results["heldout_samples"] == 60
+    assert results["heldout_nearest_caption_accuracy"] == 1.0  # MiniLM alone answers every held-out prompt (measured)
+    assert results["hard_heldout_nearest_caption_accuracy"] < 0.25 and results["hard_heldout_samples"] == 48
+    assert set(results["hard_heldout_prompt_accuracy_per_template"]) == set(script.HARD_TEMPLATES)
     assert np.isfinite(results["fid"]) and np.isfinite(results["fid_floor"]) and results["reference"]["diversity"] > 0
     assert json.load(open(outdir / "results.json"))["fid"] == pytest.approx(results["fid"])
     records = [json.loads(line) for line in open(outdir / "metrics.jsonl")]
@@ -261,6 +264,8 @@ def test_class_ablation_trains_generates_and_refuses_prompts_without_a_digit(tmp
     script.main(tiny_args(outdir, data_dir, "--text-encoder", "class", "--final-samples", "20", "--heldout-samples", "60"))
     results = json.load(open(outdir / "results.json"))
     assert results["text_encoder"] == "class" and 0 <= results["heldout_prompt_accuracy"] <= 1
+    assert results["heldout_nearest_caption_accuracy"] == 1.0  # the parser reads the digit: exact by construction
+    assert "hard_heldout_prompt_accuracy" not in results  # the parser cannot read relations or other languages
     ckpt = str(outdir / "checkpoints" / "final.pt")
     assert run_cli(["generate", "--ckpt", ckpt, "--prompt", "the digit five", "--num-samples", "2", "--steps", "2",
                     "--output", str(tmp_path / "five.png")]) == 0
@@ -302,18 +307,39 @@ def test_caption_embeddings_are_cached_never_encoded_in_the_loop(tmp_path, data_
     script.main(tiny_args(tmp_path / "b", cache, "--final-samples", "10", "--heldout-samples", "60"))
 
 
-def test_sweep_writes_table_and_plots(minilm_run, data_dir, tmp_path):
+def test_sweep_draws_the_guidance_frontier_with_the_default_marked(minilm_run, data_dir, tmp_path):
     outdir, _ = minilm_run
-    rows = script.main(["sweep", "--ckpt", str(outdir / "checkpoints" / "final.pt"), "--guidance-scales", "0,2",
-                        "--steps-list", "2,4", "--num-samples", "10", "--dataset", "mnist5k", "--data-dir", str(data_dir),
-                        "--outdir", str(tmp_path / "sweep")])
-    assert [(r["axis"], r["guidance_scale"], r["sample_steps"]) for r in rows] == [
-        ("guidance_scale", 0, 20), ("guidance_scale", 2, 20),
-        ("sample_steps", script.DEFAULT_GUIDANCE, 2), ("sample_steps", script.DEFAULT_GUIDANCE, 4)]
+    rows = script.main(["sweep", "--ckpt", str(outdir / "checkpoints" / "final.pt"), "--guidance-scales", "1,2",
+                        "--guidance-intervals", "0.3,5", "--interval-scales", "2", "--steps-list", "2",
+                        "--guidance-scale", "2", "--num-samples", "20", "--seeds", "2", "--dataset", "mnist5k",
+                        "--data-dir", str(data_dir), "--outdir", str(tmp_path / "sweep")])
+    assert [(r["axis"], r["guidance_interval"], r["guidance_scale"], r["sample_steps"], r["default"]) for r in rows] == [
+        ("guidance", "all", 1, 20, False), ("guidance", "all", 2, 20, True), ("guidance", "0.3,5", 2, 20, False),
+        ("sample_steps", "all", 2, 2, False)]
+    plain, interval = rows[1], rows[2]
+    assert plain["classifier_fid"] != interval["classifier_fid"]      # the interval changes the samples
+    for row in rows:
+        assert row["seeds"] == 2 and row["classifier_fid_std"] is not None and np.isfinite(row["classifier_fid_ratio"])
+        assert row["diversity_ratio"] == pytest.approx(row["diversity"] / row["reference_diversity"])
     table = json.load(open(tmp_path / "sweep" / "sweep.json"))
-    assert len(table["rows"]) == 4 and all(np.isfinite(r["fid"]) for r in table["rows"])
-    for name in ("sweep_guidance_scale.png", "sweep_sample_steps.png"):
+    assert table["seeds"] == [0, 1] and len(table["rows"]) == 4
+    for name in ("frontier.png", "sweep_steps.png"):
         assert Image.open(tmp_path / "sweep" / name).size[0] > 100
+
+
+def test_generate_writes_the_raw_images_to_npz(minilm_run, data_dir, tmp_path):
+    outdir, _ = minilm_run
+    ckpt = str(outdir / "checkpoints" / "final.pt")
+    flags = ["generate", "--ckpt", ckpt, "--prompt", "3", "--prompt", "a drawing of a seven", "--num-samples", "4",
+             "--steps", "3", "--data-dir", str(data_dir)]
+    assert run_cli([*flags, "--output", str(tmp_path / "x.npz")]) == 0
+    assert run_cli([*flags, "--output", str(tmp_path / "y.png"), "--guidance-interval", "0,inf"]) == 0
+    with np.load(tmp_path / "x.npz") as saved:
+        images, prompts, index = saved["images"], saved["prompts"], saved["prompt_index"]
+    assert images.dtype == np.uint8 and images.shape == (8, 28, 28)
+    assert list(prompts) == ["3", "a drawing of a seven"] and index.tolist() == [0] * 4 + [1] * 4  # prompt-major
+    grid = np.asarray(Image.open(tmp_path / "x.png"))
+    assert np.array_equal(grid, np.asarray(Image.open(tmp_path / "y.png")))  # 0,inf is plain CFG, the same images
 
 
 # ----------------------------------------------------------------------------------------------
