@@ -131,7 +131,9 @@ def test_preempted_mnist1d_job_requeues_resumes_and_ends_with_the_uninterrupted_
     flags = ["--data-dir", tmp_path / "data", "--configs", "mse-gaussian-implicit", "--epochs", "12", "--batch-size", "64",
              *MNIST1D_TINY]
     logs = {name: tmp_path / f"{name}.out" for name in ("straight", "preempted")}
-    jobs = {name: cluster("run_diffusion_mnist1d.sh", *flags, env={"OUTDIR": tmp_path / name}, log=logs[name])
+    wandb = {"straight": [], "preempted": ["--wandb", "offline"]}  # W&B changes no number
+    jobs = {name: cluster("run_diffusion_mnist1d.sh", *flags, *wandb[name], env={"OUTDIR": tmp_path / name,
+                                                                                 "WANDB_SILENT": "true"}, log=logs[name])
             for name in logs}
     run = "runs/mse-gaussian-implicit-seed0"
     preempt_when(jobs["preempted"], tmp_path / "preempted" / run / "checkpoint.pt", logs["preempted"])
@@ -142,6 +144,12 @@ def test_preempted_mnist1d_job_requeues_resumes_and_ends_with_the_uninterrupted_
     straight, resumed = (json.loads((tmp_path / name / run / "result.json").read_text()) for name in logs)
     assert {key: value for key, value in straight.items() if key != "runtime_s"} == \
            {key: value for key, value in resumed.items() if key != "runtime_s"}
+    # one W&B run across the requeue: two offline run files (one per process) with the same id, every epoch once
+    import test_wandb
+    (run_id,) = test_wandb.offline_runs(tmp_path / "preempted")
+    runs = test_wandb.offline_runs(tmp_path / "preempted")[run_id]
+    epochs = [items["epoch"] for records in runs for _, items in test_wandb.history_rows(records) if "epoch" in items]
+    assert len(runs) == 2 and sorted(epochs) == list(range(1, 13)), epochs
 
 
 # ----------------------------------------------------------------------------------------------

@@ -285,7 +285,8 @@ def test_clip_code_path_with_a_tiny_local_clip(tmp_path, data_dir):
     results = json.load(open(outdir / "results.json"))
     assert 0 <= results["clip_score"] <= 100 and 0 <= results["reference"]["clip_score"] <= 100
     assert run_cli(["generate", "--ckpt", str(outdir / "checkpoints" / "final.pt"), "--prompt", "any text at all",
-                    "--num-samples", "2", "--steps", "2", "--output", str(tmp_path / "any.png")]) == 0
+                    "--num-samples", "2", "--steps", "2", "--output", str(tmp_path / "any.png"),
+                    "--data-dir", str(data_dir)]) == 0
 
 
 def test_caption_embeddings_are_cached_never_encoded_in_the_loop(tmp_path, data_dir, monkeypatch):
@@ -300,8 +301,8 @@ def test_caption_embeddings_are_cached_never_encoded_in_the_loop(tmp_path, data_
             os.link(data_dir / name, cache / name)
     script.main(tiny_args(tmp_path / "a", cache, "--epochs", "3", "--eval-every", "2", "--eval-samples", "10",
                           "--final-samples", "10", "--heldout-samples", "60"))
-    assert calls == [21, 61]  # the training captions once, the held-out prompts once: not per step or per evaluation
-    assert len([n for n in os.listdir(cache) if n.startswith("captions-minilm-")]) == 2
+    assert calls == [21, 61, 49]  # training captions, held-out and harder held-out prompts once each: not per step
+    assert len([n for n in os.listdir(cache) if n.startswith("captions-minilm-")]) == 3
     monkeypatch.setattr(script, "_caption_tables", {})
     monkeypatch.setattr(script, "load_text_encoder", lambda *a: pytest.fail("the text encoder was loaded"))
     script.main(tiny_args(tmp_path / "b", cache, "--final-samples", "10", "--heldout-samples", "60"))
