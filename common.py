@@ -466,11 +466,13 @@ def cfg_denoiser(model_fn, cond, null_cond, guidance_scale, guided=None):
 def guidance_interval(process, low, high):
     """guided(t) for cfg_denoiser: guidance only where the noise level sigma_t = b_t / a_t (the noise-to-signal
     ratio of x_t / a_t, EDM's sigma) lies in [low, high] (Kynkaanniemi et al. 2024, "Applying guidance in a
-    limited interval improves sample and distribution quality in diffusion models", Sec. 3). t: (B,) long."""
+    limited interval improves sample and distribution quality in diffusion models", Sec. 3). t: (B,) long.
+    None (plain CFG, no mask) when [low, high] holds every noise level."""
+    if low <= 0 and high == math.inf:
+        return None
     sigma = process.b / process.a  # (T+1,), 0 at t = 0
     inside = (sigma >= low) & (sigma <= high)
     return lambda t: inside.to(t.device)[t]
-
 
 
 def tqdm_maybe(iterable, enabled, **kwargs):

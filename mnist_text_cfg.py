@@ -331,7 +331,7 @@ def guided_denoiser(model, process, table, caption_ids, null_id, guidance_scale,
     extrapolates beyond both predictions. interval: (low, high) noise levels sigma where guidance applies
     (common.guidance_interval); None = every step."""
     null_ids = torch.full_like(caption_ids, null_id)
-    guided = common.guidance_interval(process, *interval) if interval and interval != (0, math.inf) else None
+    guided = common.guidance_interval(process, *interval) if interval else None
     guided = common.cfg_denoiser(x0_model_fn(model, process, table), caption_ids, null_ids, guidance_scale, guided)
     return lambda x, t: guided(x, t).clamp(-1, 1)
 
@@ -454,15 +454,13 @@ class Evaluator:
         self.reference = {kind: reference_stats(
             os.path.join(data_dir, f"fid-stats-{kind}-{lenet_tag if kind == 'lenet' else 'inception-v3'}-{data['name']}-test.npz"),
             functools.partial(self.features[kind], data["x_test"])) for kind in self.features}
+        def prompt_set(prompts, digits, templates):  # a held-out set and its caption table (the empty prompt last)
+            return {"prompts": prompts, "digits": torch.tensor(digits), "templates": templates,
+                    "table": table_to(caption_table(encoder_name, encoder_path, prompts + [NULL_PROMPT], cache_dir), device)}
         prompts, digits = heldout_captions()
-        self.heldout = {"prompts": prompts, "digits": torch.tensor(digits), "templates": [t for t in HELDOUT_TEMPLATES
-                                                                                          for _ in range(10)],
-                        "table": table_to(caption_table(encoder_name, encoder_path, prompts + [NULL_PROMPT], cache_dir), device)}
-        self.hard = None  # the class ablation's parser cannot read these prompts (relations, other languages)
-        if encoder_name != "class":
-            prompts, digits, templates = hard_heldout_captions()
-            self.hard = {"prompts": prompts, "digits": torch.tensor(digits), "templates": templates,
-                         "table": table_to(caption_table(encoder_name, encoder_path, prompts + [NULL_PROMPT], cache_dir), device)}
+        self.heldout = prompt_set(prompts, digits, [template for template in HELDOUT_TEMPLATES for _ in range(10)])
+        # the class ablation's parser cannot read the harder prompts (relations, other languages)
+        self.hard = None if encoder_name == "class" else prompt_set(*hard_heldout_captions())
         self.clip = clip_scorer(clip_source, device) if clip_source else None
 
     def real_subset(self, count, seed):
@@ -1129,12 +1127,11 @@ def sweep(argv):
                "default": interval_text(interval) == interval_text(args.guidance_interval) and scale == args.guidance_scale
                           and steps == args.steps,
                "reference_diversity": float(np.mean([m["reference"]["diversity"] for m in per_seed]))}
-        for key in keys:
+        for m in per_seed:
+            m["classifier_fid_ratio"] = m["classifier_fid"] / m["classifier_fid_floor"]
+        for key in keys + ("classifier_fid_ratio",):  # the mean over seeds and, with two or more, their spread
             values = np.array([m[key] for m in per_seed])
             row[key], row[key + "_std"] = float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
-        ratios = np.array([m["classifier_fid"] / m["classifier_fid_floor"] for m in per_seed])
-        row["classifier_fid_ratio"] = float(ratios.mean())
-        row["classifier_fid_ratio_std"] = float(ratios.std(ddof=1)) if len(ratios) > 1 else None
         row["diversity_ratio"] = row["diversity"] / row["reference_diversity"]
         rows.append(row)
         print(f"{axis} interval {row['guidance_interval']} w={scale:g} steps={steps}: prompt accuracy "

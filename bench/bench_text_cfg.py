@@ -90,7 +90,7 @@ def main():
     null_id = len(mnist_text_cfg.train_captions()) - 1
     # the run's own guidance: its scale, and its noise interval ("all" = every step)
     interval = results.get("guidance_interval", "all")
-    interval = None if interval == "all" else tuple(float(value) for value in interval.split(","))
+    interval = None if interval == "all" else common.noise_interval(interval)
     samplers = (("dpmpp", 20), ("dpmpp-sde", 20), ("dpmpp-3m-sde", 20), ("ddpm", 1000))
     for sampler, steps in samplers if args.compare_samples else ():
         runs = []
@@ -114,8 +114,8 @@ def main():
     common.write_json(os.path.join(args.outdir, "bench.json"), bench)
 
     rows = [
-        ("prompt accuracy (DPM++ 20, w = %g, guidance interval %s)" % (results["guidance_scale"],
-                                                                        results.get("guidance_interval", "all")), f"{results['prompt_accuracy']:.2%}", ">= 99%",
+        (f"prompt accuracy (DPM++ 20, w = {results['guidance_scale']:g}, guidance interval "
+         f"{results.get('guidance_interval', 'all')})", f"{results['prompt_accuracy']:.2%}", ">= 99%",
          "met" if results["prompt_accuracy"] >= 0.99 else "not met"),
         ("held-out prompt accuracy", f"{results.get('heldout_prompt_accuracy', float('nan')):.2%}", ">= 90%",
          "met" if results.get("heldout_prompt_accuracy", 0) >= 0.90 else "not met"),
