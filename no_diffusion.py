@@ -47,7 +47,7 @@ VOLCANO_SIZE = 128                          # the .int files are 128 x 128 compl
 VOLCANO_FILE_BYTES = VOLCANO_SIZE * VOLCANO_SIZE * 2 * 4
 # settings a resumed run must share with the stopped one
 RUN_IDENTITY = ("dataset", "n_functions", "resolution", "crop", "val_size", "noise", "kernel", "rbf_scale",
-                "rbf_eps", "sigma_1", "sigma_L", "L", "width", "modes", "layers", "no_sigma_embedding", "local_conv",
+                "rbf_eps", "sigma_1", "sigma_L", "L", "width", "modes", "layers", "levels", "no_sigma_embedding", "local_conv",
                 "precondition", "sigma_sampling", "sigma_mean", "sigma_std",
                 "batch_size", "lr", "ema_decay", "augment", "seed")
 
@@ -329,7 +329,7 @@ class ScoreFNO(nn.Module):
     network never sees sigma, and the score is its output divided by sigma. (B, 2, H, W), (B,) -> (B, 2, H, W)."""
 
     def __init__(self, width=32, modes=12, layers=4, sigma_embedding=True, emb_dim=128, pad_fraction=0.125,
-                 local_grid=0, sigma_data=0.0):
+                 local_grid=0, sigma_data=0.0, levels=1):
         super().__init__()
         self.sigma_data = sigma_data      # > 0: EDM preconditioning (Karras et al. 2022, Table 1), see forward
         self.emb_dim = emb_dim if sigma_embedding else 0
@@ -337,7 +337,23 @@ class ScoreFNO(nn.Module):
         self.lift = nn.Conv2d(4, width, 1)
         self.sigma_mlp = (nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
                           if sigma_embedding else None)
-        self.blocks = nn.ModuleList(FNOBlock(width, modes, self.emb_dim, local_grid) for _ in range(layers))
+        self.levels = levels
+        if levels == 1:   # the plain FNO: `layers` blocks on the input grid
+            self.blocks = nn.ModuleList(FNOBlock(width, modes, self.emb_dim, local_grid) for _ in range(layers))
+        else:             # U-shaped (see network): level l has width * 2^l channels on a grid 2^l times coarser
+            if not local_grid:
+                raise ValueError("a U-shaped operator needs local_grid, the training grid its coarse levels follow")
+            self.local_grid = local_grid
+            widths = [width * 2**level for level in range(levels)]
+            level_modes = [min(modes, max(4, local_grid // 2**(level + 1))) for level in range(levels)]
+            grids = [max(1, local_grid // 2**level) for level in range(levels)]
+            block = lambda level: FNOBlock(widths[level], level_modes[level], self.emb_dim, grids[level])
+            self.down = nn.ModuleList(block(level) for level in range(levels))
+            self.widen = nn.ModuleList(nn.Conv2d(widths[level], widths[level + 1], 1) for level in range(levels - 1))
+            self.middle = block(levels - 1)
+            self.merge = nn.ModuleList(nn.Conv2d(widths[level + 1] + widths[level], widths[level], 1)
+                                       for level in range(levels - 1))
+            self.up = nn.ModuleList(block(level) for level in range(levels - 1))
         self.project = nn.Sequential(nn.Conv2d(width, 64, 1), nn.GELU(), nn.Conv2d(64, 2, 1))
 
     @staticmethod
@@ -368,15 +384,41 @@ class ScoreFNO(nn.Module):
         h = self.lift(torch.cat([x, self.grid(batch, height, width, x.device)], dim=1))
         pad = round(self.pad_fraction * height), round(self.pad_fraction * width)
         h = F.pad(h, [0, pad[1], 0, pad[0]])
-        for block in self.blocks:
-            h = block(h, emb)
+        if self.levels == 1:
+            for block in self.blocks:
+                h = block(h, emb)
+        else:
+            h = self.u_shape(h, emb, height)
         return self.project(h[..., :height, :width])
+
+    def u_shape(self, h, emb, height):
+        """The U-shaped operator (after Rahman et al. 2023, "U-NO: U-shaped neural operators"): a block per
+        level on the way down, one at the bottom, one per level on the way up, each finer level merged with
+        the coarser one resampled to its grid. The coarse grids are fixed in units of the domain (level l:
+        local_grid / 2^l points per unit length, whatever the input grid), so a model trained at 64 px and
+        evaluated at 128 px sees the same coarse levels; only the finest level follows the input grid, and its
+        3x3 convolution is dilated to keep its footprint (FNOBlock). Resampling is bilinear (antialiased on
+        the way down). (B, width, H', W') -> (B, width, H', W'), H' the padded grid."""
+        skips, padded = [], h.shape[-2:]
+        for level in range(self.levels):
+            if level:
+                size = [max(2, round(n * self.local_grid / (height * 2**level))) for n in padded]
+                h = self.widen[level - 1](F.interpolate(h, size=size, mode="bilinear", antialias=True, align_corners=False))
+            h = self.down[level](h, emb)
+            skips.append(h)
+        h = self.middle(h, emb)
+        for level in reversed(range(self.levels - 1)):
+            skip = skips[level]
+            h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            h = self.up[level](self.merge[level](torch.cat([h, skip], dim=1)), emb)
+        return h
 
 
 def model_args_of(args, grid, sigma_data):
     return {"width": args.width, "modes": args.modes, "layers": args.layers,
-            "sigma_embedding": not args.no_sigma_embedding, "local_grid": grid if args.local_conv else 0,
-            "sigma_data": sigma_data if args.precondition == "edm" else 0.0}
+            "sigma_embedding": not args.no_sigma_embedding,
+            "local_grid": grid if args.local_conv or args.levels > 1 else 0,
+            "sigma_data": sigma_data if args.precondition == "edm" else 0.0, "levels": args.levels}
 
 
 def loss_weights(args, sigma, sigma_data):
@@ -952,7 +994,10 @@ def build_parser():
              "on a validation seed of the EDM model; the old noise-predicting model needed 3)")
     add("--width", type=common.positive_int, default=16, help="FNO channels")
     add("--modes", type=common.positive_int, default=12, help="Fourier modes kept per axis")
-    add("--layers", type=common.positive_int, default=4, help="FNO blocks")
+    add("--layers", type=common.positive_int, default=4, help="FNO blocks (--levels 1)")
+    add("--levels", type=common.positive_int, default=1,
+        help="1: a plain FNO of --layers blocks; > 1: a U-shaped operator with that many grids, each twice as "
+             "coarse with twice the channels (--width at the finest), a 3x3 path in every block")
     add("--local-conv", action=argparse.BooleanOptionalAction, default=False,
         help="a 3x3 convolution beside the spectral one in every block (footprint fixed in domain units)")
     add("--precondition", choices=("none", "edm"), default="edm",
@@ -1087,7 +1132,8 @@ def main(argv=None):
         raise UserError(f"{checkpoint_path} exists; pass --resume to continue that run, or pick another --outdir")
     if args.resume:
         state = common.load_checkpoint(checkpoint_path, script=SCRIPT, kinds={KIND})
-        changed = [key for key in RUN_IDENTITY if state["config"].get(key) != config[key]]
+        defaults = build_parser()        # a setting added since the run started has its default there
+        changed = [key for key in RUN_IDENTITY if state["config"].get(key, defaults.get_default(key)) != config[key]]
         if changed:
             raise UserError(f"{checkpoint_path} was trained with other settings ({', '.join(changed)}); "
                             "use another --outdir")

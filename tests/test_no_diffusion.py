@@ -447,3 +447,29 @@ def test_local_convolution_sees_the_same_neighbourhood_at_twice_the_grid():
     assert torch.allclose(local(fine)[..., ::2, ::2], local(coarse), atol=1e-5)
     model = no_diffusion.ScoreFNO(width=8, modes=4, layers=2, local_grid=16)
     assert model(torch.randn(2, 2, 32, 32), torch.tensor([1.0, 1.0])).shape == (2, 2, 32, 32)
+
+
+def test_u_shaped_operator_keeps_its_coarse_grids_at_any_resolution(tmp_path):
+    """--levels > 1: the coarse levels sit on grids fixed in units of the domain (the training grid / 2^l),
+    so at 2x the input grid they have the same sizes; the model trains, resumes and samples on 2x the grid."""
+    torch.manual_seed(0)
+    model = no_diffusion.ScoreFNO(width=4, modes=4, levels=3, local_grid=16, sigma_data=0.7)
+    sizes = []
+    hooks = [block.register_forward_hook(lambda module, inputs, output: sizes.append(tuple(output.shape[-2:])))
+             for block in (*model.down, model.middle)]
+    for grid in (16, 32):
+        out = model(torch.randn(2, 2, grid, grid), torch.tensor([0.5, 2.0]))
+        assert out.shape == (2, 2, grid, grid) and torch.isfinite(out).all()
+    for hook in hooks:
+        hook.remove()
+    pad = lambda n: n + round(0.125 * n)
+    assert sizes == [(pad(16),) * 2, (9, 9), (4, 4), (4, 4), (pad(32),) * 2, (9, 9), (4, 4), (4, 4)]
+    run = tmp_path / "uno"
+    assert run_cli(tiny_args(run, tmp_path / "data", "--levels", "2")) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["levels"] == 2
+    checkpoint = torch.load(run / "model.pt", weights_only=True)
+    assert checkpoint["meta"]["model_args"]["levels"] == 2 and checkpoint["meta"]["model_args"]["local_grid"] == 16
+    assert run_cli(["eval", "--exp-dir", str(run), "--Ntest", "4", "--val-batch-size", "4", "--no-progress",
+                    "--mode", "superres", "--checkpoint", "model.pt"]) == 0
+    assert json.loads((run / "eval" / "superres.json").read_text())["grid"] == 32
