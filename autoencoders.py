@@ -181,33 +181,38 @@ def save_tsne(path, latents, labels, seed):
 
 def parse_args(argv=None):
     parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=KINDS, default="conv", help="autoencoder kind")
-    parser.add_argument("--outdir", default=None, help="run directory (default: runs/ae-<model>)")
-    parser.add_argument("--epochs", type=common.positive_int, default=None,
-                        help="training epochs (default: 10 on full MNIST, 100 on mnist5k: ~4700 / ~3500 steps)")
-    parser.add_argument("--batch-size", type=common.positive_int, default=128, help="batch size")
-    parser.add_argument("--lr", type=common.positive_float, default=2e-3, help="peak Adam learning rate (cosine decay to 0)")
-    parser.add_argument("--loss", choices=("bce", "mse"), default="bce",
-                        help="training loss on pixels: binary cross-entropy on the decoder logits, or MSE")
-    parser.add_argument("--latent-dim", type=common.positive_int, default=16, help="latent dimension")
-    parser.add_argument("--channels", default="16,32,64", help="conv AE channels at 14, 7, 4 (comma separated)")
-    parser.add_argument("--dataset", choices=common.DATASETS, default="auto",
-                        help="mnist (full, fetched once), mnist5k (offline subset), auto (full if possible)")
-    parser.add_argument("--data-dir", default="./data", help="where MNIST lives / is fetched to")
-    parser.add_argument("--seed", type=int, default=42, help="random seed (same seed on CPU -> same numbers)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    parser.add_argument("--tsne", action="store_true", help="write tsne.png of test latents coloured by digit")
-    parser.add_argument("--tsne-points", type=common.positive_int, default=2000, help="test latents in the t-SNE plot")
-    parser.add_argument("--log-every", type=common.positive_int, default=50, help="steps between metrics.jsonl lines")
-    parser.add_argument("--resume", action="store_true", help="continue from <outdir>/ae-<model>.pt if it exists")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start over even if <outdir> already holds a model (it is replaced)")
-    parser.add_argument("--threads", type=common.positive_int, default=None,
-                        help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--wandb", choices=("off", "offline", "online"), default="off", help="Weights & Biases mode")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (batch jobs)")
+    data = parser.add_argument_group("data").add_argument
+    data("--dataset", choices=common.DATASETS, default="auto",
+         help="mnist (full, fetched once), mnist5k (offline subset), auto (full if possible)")
+    data("--data-dir", default="./data", help="where MNIST lives / is fetched to")
+    model = parser.add_argument_group("model").add_argument
+    model("--model", choices=KINDS, default="conv", help="autoencoder kind")
+    model("--latent-dim", type=common.positive_int, default=16, help="latent dimension")
+    model("--channels", default="16,32,64", help="conv AE channels at 14, 7, 4 (comma separated)")
+    model("--loss", choices=("bce", "mse"), default="bce",
+          help="training loss on pixels: binary cross-entropy on the decoder logits, or MSE")
+    training = parser.add_argument_group("training").add_argument
+    training("--epochs", type=common.positive_int, default=None,
+             help="training epochs (default: 10 on full MNIST, 100 on mnist5k: ~4700 / ~3500 steps)")
+    training("--batch-size", type=common.positive_int, default=128, help="batch size")
+    training("--lr", type=common.positive_float, default=2e-3, help="peak Adam learning rate (cosine decay to 0)")
+    training("--seed", type=int, default=42, help="random seed (same seed on CPU -> same numbers)")
+    evaluation = parser.add_argument_group("evaluation").add_argument
+    evaluation("--tsne", action="store_true", help="write tsne.png of test latents coloured by digit")
+    evaluation("--tsne-points", type=common.positive_int, default=2000, help="test latents in the t-SNE plot")
+    system = parser.add_argument_group("system").add_argument
+    system("--outdir", default=None, help="run directory (default: runs/ae-<model>)")
+    system("--resume", action="store_true", help="continue from <outdir>/ae-<model>.pt if it exists")
+    system("--overwrite", action="store_true",
+           help="start over even if <outdir> already holds a model (it is replaced)")
+    system("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    system("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    system("--compile", action="store_true", help="torch.compile the model for training")
+    system("--threads", type=common.positive_int, default=None,
+           help="CPU threads for torch (default: torch's choice)")
+    system("--log-every", type=common.positive_int, default=50, help="steps between metrics.jsonl lines")
+    system("--wandb", choices=("off", "offline", "online"), default="off", help="Weights & Biases mode")
+    system("--no-progress", action="store_true", help="no tqdm bar (batch jobs)")
     args = parser.parse_args(argv)
     args.outdir = args.outdir or os.path.join("runs", f"ae-{args.model}")
     try:
@@ -231,14 +236,9 @@ def checkpoint_status(meta):
     return f"unfinished: stopped after {meta['epoch']} of {meta['epochs']} epochs, at step {meta['step']}"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = common.pick_device(args.device)
-    common.seed_everything(args.seed)
-    common.prepare_outdir(args.outdir)
-    checkpoint_path = os.path.join(args.outdir, f"ae-{args.model}.pt")
+def claim_outdir(args, checkpoint_path):
+    """Never replace a model silently: an outdir that holds one needs --resume (continue it) or --overwrite
+    (its checkpoint, results and plots are deleted first)."""
     existing = common.load_checkpoint(checkpoint_path, script=SCRIPT, kinds={args.model})["meta"] \
         if os.path.exists(checkpoint_path) and not args.overwrite else None
     if existing and not args.resume:
@@ -251,6 +251,33 @@ def main(argv=None):
         for name in ("results.json", "metrics.jsonl", "reconstructions.png", "tsne.png", os.path.basename(checkpoint_path)):
             if os.path.exists(os.path.join(args.outdir, name)):
                 os.remove(os.path.join(args.outdir, name))
+
+
+def reconstruction_loss(logits, images, kind):
+    """bce: binary cross-entropy of the decoder's logits against pixels in [0, 1]; mse: MSE of their sigmoid."""
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits, images)
+    return F.mse_loss(torch.sigmoid(logits), images)
+
+
+def save_reconstructions(path, model, test_x, test_y):
+    """Rows 1 and 3: two test images of each digit 0..9; rows 2 and 4: their reconstructions."""
+    with torch.no_grad():
+        shown = torch.cat([torch.nonzero(test_y == d)[:2, 0] for d in range(10)])  # (20,), two of each digit
+        originals = test_x[shown[0::2]], test_x[shown[1::2]]  # (10, 1, 28, 28) each, digits 0..9
+        grid = torch.cat([originals[0], model(originals[0]), originals[1], model(originals[1])])
+    return common.save_image_grid(path, grid.float(), nrow=10, scale=3)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = common.pick_device(args.device)
+    common.seed_everything(args.seed)
+    common.prepare_outdir(args.outdir)
+    checkpoint_path = os.path.join(args.outdir, f"ae-{args.model}.pt")
+    claim_outdir(args, checkpoint_path)
 
     # data: whole dataset as tensors on the device, batches are slices
     data = common.load_mnist(args.dataset, args.data_dir, device)
@@ -313,10 +340,7 @@ def main(argv=None):
                 batch = train_x[order[batch_index * args.batch_size:(batch_index + 1) * args.batch_size]]
                 with common.autocast(device, args.amp):
                     logits = reconstruction_logits(batch).float()
-                if args.loss == "bce":
-                    loss = F.binary_cross_entropy_with_logits(logits, batch)
-                else:
-                    loss = F.mse_loss(torch.sigmoid(logits), batch)
+                loss = reconstruction_loss(logits, batch, args.loss)
                 loss_value = common.finite_loss(loss, f"step {step}", checkpoint_path)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -348,11 +372,7 @@ def main(argv=None):
     train_mse = reconstruction_mse(model, train_x[:10000])
     print(f"test reconstruction MSE {test_mse:.5f} (train {train_mse:.5f}), pixels in [0, 1]")
     save(test_mse, finished=True)
-    with torch.no_grad():
-        shown = torch.cat([torch.nonzero(data["y_test"] == d)[:2, 0] for d in range(10)])  # (20,), two of each digit
-        originals = test_x[shown[0::2]], test_x[shown[1::2]]  # (10, 1, 28, 28) each, digits 0..9
-        grid = torch.cat([originals[0], model(originals[0]), originals[1], model(originals[1])])
-    recon_path = common.save_image_grid(os.path.join(args.outdir, "reconstructions.png"), grid.float(), nrow=10, scale=3)
+    recon_path = save_reconstructions(os.path.join(args.outdir, "reconstructions.png"), model, test_x, data["y_test"])
     logger.log_image("reconstructions", recon_path, caption="rows 1, 3: test digits; rows 2, 4: reconstructions",
                      step=step)
     results = {"model": args.model, "dataset": data["name"], "test_reconstruction_mse": test_mse,

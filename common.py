@@ -4,15 +4,15 @@ Sections, top to bottom:
   errors and entry point   UserError, run_main, ArgumentParser (one-line flag errors)
   device, seeding, rng     pick_device, seed_everything, rng_state / set_rng_state
   schedules and processes  linear_beta_schedule, cosine_alpha_bar, Process, gaussian_process, convex_process
-  diffusion maths          q_sample, posterior, vlb_terms, prior_kl
+  diffusion maths          q_sample, posterior, prior_kl_per_dim, check_prior
   samplers                 sample_ddpm, sample_ddim, sample_dpmpp_2m, sample_dpmpp_3m (one signature;
                            SAMPLERS also has their SDE forms 'dpmpp-sde', 'dpmpp-3m-sde'), cfg_denoiser
-  building blocks          timestep_embedding, FiLM, ResBlock (1-D and 2-D), UNet1d, EMA
+  building blocks          timestep_embedding, FiLM, ResBlock (1-D or 2-D convolutions), EMA
   metrics                  frechet_distance, frechet_distance_or_reason
   checkpoints              save_checkpoint (atomic), load_checkpoint (weights_only, checked metadata)
   logging                  atomic_write, write_json, RunLogger (console + metrics.jsonl + optional W&B), StopSignal
-  data                     load_mnist1d; MNIST: load_mnist (auto|mnist|mnist5k), fetch_mnist, read_idx
-  MNIST classifier         MnistClassifier, load_mnist_classifier (trained once, cached), classifier_outputs, sample_metrics
+  data                     MNIST: load_mnist (auto|mnist|mnist5k), fetch_mnist, read_idx
+  MNIST classifier         MnistClassifier, load_mnist_classifier (trained once, cached), classifier_outputs
   images                   save_image_grid
 
 Conventions: a process is x_t = a_t * x0 + b_t * eps for integer t in 0..T, with a_0 = 1, b_0 = 0.
@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import platform
 import random
 import re
@@ -263,43 +262,6 @@ def posterior(process, x0, x_t, t, s):
     return mean, var
 
 
-def vlb_weights(process):
-    """Per-timestep weight w_t of the variational bound in x0-space, shape (T+1,), w_0 unused.
-
-    For t >= 2, KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) with p sharing q's variance and x0 -> x0_hat
-    is w_t * ||x0 - x0_hat||^2 with w_t = (SNR(t-1) - SNR(t)) / 2 (VDM, Eq. 13 in discrete time).
-    For t = 1 the term is the decoder -log N(x0; x0_hat, b_1^2): weight 1 / (2 b_1^2)."""
-    snr = process.snr()
-    weights = torch.zeros_like(snr)
-    weights[2:] = (snr[1:-1] - snr[2:]) / 2
-    weights[1] = 1 / (2 * process.b[1] ** 2)
-    return weights
-
-
-def vlb_terms(process, x0, x0_pred, t, decoder_constant=True):
-    """L_{t-1} per sample in nats (summed over all but the batch dim), shape (B,).
-
-    t >= 2: the Gaussian KL above; t = 1: the decoder negative log-likelihood, with its constant
-    0.5 * dims * log(2 pi b_1^2) unless decoder_constant=False (a training loss has no use for it).
-    Differentiable in x0_pred. x0, x0_pred: (B, ...); t: (B,) long in 1..T."""
-    weights = at_timestep(vlb_weights(process), t, x0).flatten()
-    squared_error = (x0 - x0_pred).pow(2).flatten(1).sum(1)
-    if not decoder_constant:
-        return weights * squared_error
-    dims = x0[0].numel()
-    decoder_const = torch.where(t == 1, 0.5 * dims * torch.log(2 * math.pi * process.b[1].to(x0) ** 2),
-                                torch.zeros((), dtype=x0.dtype, device=x0.device))
-    return weights * squared_error + decoder_const
-
-
-def prior_kl(process, x0):
-    """L_T = KL(q(x_T | x0) || N(0, I)) per sample in nats, shape (B,)."""
-    a_T, b_T = process.a[-1].item(), process.b[-1].item()
-    mean2 = (a_T * x0).pow(2).flatten(1).sum(1)
-    dims = x0[0].numel()
-    return 0.5 * (mean2 + dims * (b_T**2 - 1 - math.log(b_T**2)))
-
-
 # ----------------------------------------------------------------------------------------------
 # samplers: sampler(denoise, x, process, steps, generator=None, **options) -> x0 sample
 # `x` is the start noise x_T ~ N(0, I) scaled by b_T (shape (B, ...)); `steps` network evaluations.
@@ -528,46 +490,6 @@ class ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.film(h, emb)))
         return h + self.skip(x)
-
-
-def ResBlock1d(in_channels, out_channels, emb_dim, groups=8):
-    """The 1-D ResBlock (the name UNet1d and its users know)."""
-    return ResBlock(in_channels, out_channels, emb_dim, groups, dims=1)
-
-
-class UNet1d(nn.Module):
-    """A small 1-D UNet for signals (B, C, L), L divisible by 2**(len(channels)-1).
-
-    Conditioned on an embedding (B, emb_dim) that the caller builds (time, direction, class, ...)."""
-
-    def __init__(self, in_channels=1, out_channels=1, channels=(64, 128, 128), emb_dim=128):
-        super().__init__()
-        self.stem = nn.Conv1d(in_channels, channels[0], 3, padding=1)
-        self.down = nn.ModuleList()
-        self.up = nn.ModuleList()
-        widths = [channels[0]] + list(channels)
-        for i in range(len(channels)):
-            self.down.append(ResBlock1d(widths[i], widths[i + 1], emb_dim))
-        self.mid = ResBlock1d(channels[-1], channels[-1], emb_dim)
-        for i in reversed(range(len(channels))):
-            self.up.append(ResBlock1d(widths[i + 1] * 2, widths[i], emb_dim))
-        self.head = nn.Sequential(nn.GroupNorm(8, channels[0]), nn.SiLU(), nn.Conv1d(channels[0], out_channels, 3, padding=1))
-        self.levels = len(channels)
-
-    def forward(self, x, emb):  # x: (B, C, L), emb: (B, emb_dim)
-        h = self.stem(x)
-        skips = []
-        for i, block in enumerate(self.down):
-            h = block(h, emb)
-            skips.append(h)
-            if i < self.levels - 1:
-                h = F.avg_pool1d(h, 2)
-        h = self.mid(h, emb)
-        for i, block in enumerate(self.up):
-            if i > 0:
-                h = F.interpolate(h, scale_factor=2, mode="nearest")
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.head(h)
 
 
 def count_parameters(model):
@@ -817,20 +739,6 @@ def prepare_outdir(outdir):
     return outdir
 
 
-def wandb_status():
-    """One line saying whether W&B is installed and has a key (environment or `wandb login`)."""
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        return "wandb not installed"
-    if os.environ.get("WANDB_API_KEY"):
-        return "W&B key found in WANDB_API_KEY"
-    netrc = os.path.join(os.path.expanduser("~"), ".netrc")
-    if os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read():
-        return "W&B key found from `wandb login`"
-    return "no W&B key (offline mode works; for online set WANDB_API_KEY or run `wandb login`)"
-
-
 _wandb_failed = False
 
 
@@ -965,45 +873,6 @@ class StopSignal:
 # ----------------------------------------------------------------------------------------------
 # data
 
-def load_mnist1d(data_dir, seed=42):
-    """MNIST1D (Greydanus 2020): 4000 train / 1000 test signals of length 40, 10 classes.
-
-    Generated offline by the mnist1d package and cached as a pickle in data_dir. The package's
-    set_seed reseeds the global `random` and NumPy states; they are restored here.
-    Returns float32 tensors x (4000, 40), x_test (1000, 40) and long tensors y, y_test."""
-    try:
-        os.makedirs(data_dir, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create --data-dir {data_dir}: {error.strerror}")
-    path = os.path.join(data_dir, f"mnist1d_seed{seed}.pkl")
-    data = None
-    if os.path.exists(path):
-        try:
-            with open(path, "rb") as file:
-                data = pickle.load(file)
-        except Exception:
-            print(f"cached MNIST1D at {path} is unreadable; regenerating it")
-    if data is None:
-        from mnist1d.data import get_dataset_args, make_dataset
-        args = get_dataset_args()
-        args.seed = seed
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        try:
-            data = make_dataset(args)
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
-        data = {k: data[k] for k in ("x", "y", "x_test", "y_test", "t")}
-        try:
-            atomic_write(path, lambda file: pickle.dump(data, file), mode="wb")
-        except OSError as error:
-            raise UserError(f"cannot write the MNIST1D cache into --data-dir {data_dir}: {error.strerror}")
-    return {
-        "x": torch.tensor(data["x"], dtype=torch.float32),
-        "y": torch.tensor(data["y"], dtype=torch.long),
-        "x_test": torch.tensor(data["x_test"], dtype=torch.float32),
-        "y_test": torch.tensor(data["y_test"], dtype=torch.long),
-    }
 
 # ----------------------------------------------------------------------------------------------
 # MNIST data
@@ -1287,23 +1156,6 @@ def load_mnist_classifier(data, data_dir="./data", device="cpu"):
     except OSError as error:
         print(f"could not cache the classifier in {data_dir} ({error.strerror}); it will be retrained next time")
     return classifier
-
-
-def sample_metrics(classifier, images, reference_features, target_digit=None):
-    """Classifier Frechet distance to reference features (N_ref, 128), class distribution (10 shares),
-    and with target_digit the share classified as that digit. images: (N, 1, 28, 28) in [0, 1].
-
-    When the distance cannot be computed (fewer than 2 images, non-finite features), 'fd' is None and
-    'fd_unavailable' says why: the caller reports it instead of crashing."""
-    features, predictions = classifier_outputs(classifier, images)
-    counts = torch.bincount(predictions, minlength=10).float()
-    fd, reason = frechet_distance_or_reason(features.cpu().numpy(), reference_features.cpu().numpy())
-    metrics = {"fd": fd, "class_distribution": (counts / counts.sum().clamp(min=1)).tolist()}
-    if reason is not None:
-        metrics["fd_unavailable"] = reason
-    if target_digit is not None:
-        metrics["digit_accuracy"] = (predictions == target_digit).float().mean().item()
-    return metrics
 
 
 # ----------------------------------------------------------------------------------------------

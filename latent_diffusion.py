@@ -196,6 +196,26 @@ def latent_splits(autoencoder, data, ae_path, cache_dir, only_digit, device):
 
 
 # ----------------------------------------------------------------------------------------------
+# evaluation: samples scored by the MNIST classifier
+
+def sample_metrics(classifier, images, reference_features, target_digit=None):
+    """Classifier Frechet distance to reference features (N_ref, 128), class distribution (10 shares),
+    and with target_digit the share classified as that digit. images: (N, 1, 28, 28) in [0, 1].
+
+    When the distance cannot be computed (fewer than 2 images, non-finite features), 'fd' is None and
+    'fd_unavailable' says why: the caller reports it instead of crashing."""
+    features, predictions = common.classifier_outputs(classifier, images)
+    counts = torch.bincount(predictions, minlength=10).float()
+    fd, reason = common.frechet_distance_or_reason(features.cpu().numpy(), reference_features.cpu().numpy())
+    metrics = {"fd": fd, "class_distribution": (counts / counts.sum().clamp(min=1)).tolist()}
+    if reason is not None:
+        metrics["fd_unavailable"] = reason
+    if target_digit is not None:
+        metrics["digit_accuracy"] = (predictions == target_digit).float().mean().item()
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
 # training
 
 def parse_args(argv=None):
@@ -203,52 +223,57 @@ def parse_args(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ae-ckpt", help="autoencoder checkpoint written by autoencoders.py (kind read from it)")
     source.add_argument("--ae-ckpt-dir", help="use the newest AE checkpoint under this directory (conv before mlp)")
-    parser.add_argument("--only-digit", type=int, choices=range(10), default=None, metavar="{0..9}",
-                        help="train on the latents of this digit only")
-    parser.add_argument("--epochs", type=common.positive_int, default=125,
-                        help="training epochs (125: about 8.5 minutes on a 2-core CPU, see the README)")
-    parser.add_argument("--batch-size", type=common.positive_int, default=512,
-                        help="batch size (512: 2.3x the latents per second of 128 on a 2-core CPU)")
-    parser.add_argument("--lr", type=common.positive_float, default=2e-3, help="peak Adam learning rate")
-    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine",
-                        help="constant, or cosine decay from --lr to 0 over the run")
-    parser.add_argument("--T", type=common.positive_int, default=1000, help="diffusion steps")
-    parser.add_argument("--beta-start", type=common.positive_float, default=1e-4,
-                        help="first beta of the linear schedule at T = 1000 (scaled by 1000/T)")
-    parser.add_argument("--beta-end", type=common.positive_float, default=2e-2,
-                        help="last beta of the linear schedule at T = 1000 (scaled by 1000/T)")
-    parser.add_argument("--hidden-dim", type=common.positive_int, default=256, help="denoiser MLP width")
-    parser.add_argument("--num-blocks", type=common.positive_int, default=4, help="FiLM residual blocks in the denoiser")
-    parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the weights (with warm-up)")
-    parser.add_argument("--samples-per-epoch", type=common.positive_int, default=16,
-                        help="images in each epoch's sample grid (with --generate-images)")
-    parser.add_argument("--generate-images", action="store_true", help="write samples/epoch-NNN.png after every epoch")
-    parser.add_argument("--eval-samples", type=int, default=None,
-                        help="N, the decoded samples scored at the end; every reference FD uses the same N (default: "
-                             "as many as there are test images to compare with, at most 10,000; 0 = skip sample metrics)")
-    parser.add_argument("--eval-sampler", choices=sorted(common.SAMPLERS), default="dpmpp",
-                        help="sampler for the final evaluation")
-    parser.add_argument("--eval-steps", type=common.positive_int, default=None,
-                        help="sampler steps for the evaluation (default: 20, or T if smaller)")
-    parser.add_argument("--early-stopping-patience", type=int, default=0,
-                        help="stop after this many epochs without a better validation loss (0 = never)")
-    parser.add_argument("--auto-resume", "--resume", action="store_true",
-                        help="continue the newest run in --outdir with the same settings, if there is one")
-    parser.add_argument("--run-name", default=None, help="run directory name (default: built from the settings + time)")
-    parser.add_argument("--outdir", default="runs", help="directory that holds the run directories")
-    parser.add_argument("--cache-dir", default="./cache", help="cache of encoded latents ('' = no cache)")
-    parser.add_argument("--dataset", choices=common.DATASETS, default="auto",
-                        help="mnist (full, fetched once), mnist5k (offline subset), auto (full if possible)")
-    parser.add_argument("--data-dir", default="./data", help="where MNIST and the cached classifier live")
-    parser.add_argument("--seed", type=int, default=42, help="random seed (same seed on CPU -> same numbers)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser for training")
-    parser.add_argument("--threads", type=common.positive_int, default=None,
-                        help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--log-every", type=common.positive_int, default=50, help="steps between metrics.jsonl lines")
-    parser.add_argument("--wandb", choices=("off", "offline", "online"), default="off", help="Weights & Biases mode")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars (batch jobs)")
+    data = parser.add_argument_group("data").add_argument
+    data("--only-digit", type=int, choices=range(10), default=None, metavar="{0..9}",
+         help="train on the latents of this digit only")
+    data("--dataset", choices=common.DATASETS, default="auto",
+         help="mnist (full, fetched once), mnist5k (offline subset), auto (full if possible)")
+    data("--data-dir", default="./data", help="where MNIST and the cached classifier live")
+    data("--cache-dir", default="./cache", help="cache of encoded latents ('' = no cache)")
+    model = parser.add_argument_group("model").add_argument
+    model("--T", type=common.positive_int, default=1000, help="diffusion steps")
+    model("--beta-start", type=common.positive_float, default=1e-4,
+          help="first beta of the linear schedule at T = 1000 (scaled by 1000/T)")
+    model("--beta-end", type=common.positive_float, default=2e-2,
+          help="last beta of the linear schedule at T = 1000 (scaled by 1000/T)")
+    model("--hidden-dim", type=common.positive_int, default=256, help="denoiser MLP width")
+    model("--num-blocks", type=common.positive_int, default=4, help="FiLM residual blocks in the denoiser")
+    training = parser.add_argument_group("training").add_argument
+    training("--epochs", type=common.positive_int, default=125,
+             help="training epochs (125: about 8.5 minutes on a 2-core CPU, see the README)")
+    training("--batch-size", type=common.positive_int, default=512,
+             help="batch size (512: 2.3x the latents per second of 128 on a 2-core CPU)")
+    training("--lr", type=common.positive_float, default=2e-3, help="peak Adam learning rate")
+    training("--lr-schedule", choices=("constant", "cosine"), default="cosine",
+             help="constant, or cosine decay from --lr to 0 over the run")
+    training("--ema-decay", type=float, default=0.999, help="EMA decay of the weights (with warm-up)")
+    training("--early-stopping-patience", type=int, default=0,
+             help="stop after this many epochs without a better validation loss (0 = never)")
+    training("--seed", type=int, default=42, help="random seed (same seed on CPU -> same numbers)")
+    evaluation = parser.add_argument_group("evaluation").add_argument
+    evaluation("--samples-per-epoch", type=common.positive_int, default=16,
+               help="images in each epoch's sample grid (with --generate-images)")
+    evaluation("--generate-images", action="store_true", help="write samples/epoch-NNN.png after every epoch")
+    evaluation("--eval-samples", type=int, default=None,
+               help="N, the decoded samples scored at the end; every reference FD uses the same N (default: "
+                    "as many as there are test images to compare with, at most 10,000; 0 = skip sample metrics)")
+    evaluation("--eval-sampler", choices=sorted(common.SAMPLERS), default="dpmpp",
+               help="sampler for the final evaluation")
+    evaluation("--eval-steps", type=common.positive_int, default=None,
+               help="sampler steps for the evaluation (default: 20, or T if smaller)")
+    system = parser.add_argument_group("system").add_argument
+    system("--auto-resume", "--resume", action="store_true",
+           help="continue the newest run in --outdir with the same settings, if there is one")
+    system("--run-name", default=None, help="run directory name (default: built from the settings + time)")
+    system("--outdir", default="runs", help="directory that holds the run directories")
+    system("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    system("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    system("--compile", action="store_true", help="torch.compile the denoiser for training")
+    system("--threads", type=common.positive_int, default=None,
+           help="CPU threads for torch (default: torch's choice)")
+    system("--log-every", type=common.positive_int, default=50, help="steps between metrics.jsonl lines")
+    system("--wandb", choices=("off", "offline", "online"), default="off", help="Weights & Biases mode")
+    system("--no-progress", action="store_true", help="no tqdm bars (batch jobs)")
     args = parser.parse_args(argv)
     if not 0 < args.beta_start < args.beta_end < 1:
         parser.error(f"need 0 < --beta-start < --beta-end < 1, got {args.beta_start}, {args.beta_end}")
@@ -319,6 +344,31 @@ def repair_best_checkpoint(last_state, last_path, best_path):
               f"records epoch {epoch} as the best (a stop between the two writes): rewrote it from last.pt")
 
 
+def normalised_latents(splits):
+    """(stats, train_z (N_train, D), validation_z (N_val, D)): the latents normalised per dimension with the
+    training split's mean and std; stats also holds `bound`, the largest |z| of a training latent per
+    dimension, where sampling clips x0_hat."""
+    stats = {"mean": splits["train_latents"].mean(0), "std": splits["train_latents"].std(0)}  # (D,) each
+    train_z = (splits["train_latents"] - stats["mean"]) / stats["std"]
+    validation_z = (splits["validation_latents"] - stats["mean"]) / stats["std"]
+    stats["bound"] = train_z.abs().max(0).values  # (D,)
+    return stats, train_z, validation_z
+
+
+def eps_loss(forward, process, z0, generator, amp):
+    """The eps-prediction MSE (Ho et al. 2020, Alg. 1) of a batch of latents z0 (B, D), t ~ U{1..T}."""
+    t = torch.randint(1, process.T + 1, (len(z0),), generator=generator).to(z0.device)   # (B,)
+    noise = torch.randn(z0.shape, generator=generator).to(z0.device)                    # (B, D)
+    with common.autocast(z0.device, amp):
+        return F.mse_loss(forward(common.q_sample(process, z0, t, noise), t).float(), noise)
+
+
+def validation_loss(model, process, validation_z, t, noise):
+    """The eps-MSE of `model` on the validation latents at fixed (t, noise): comparable across epochs."""
+    with torch.no_grad():
+        return F.mse_loss(model(common.q_sample(process, validation_z, t, noise), t), noise).item()
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["generate"]:
@@ -343,10 +393,7 @@ def main(argv=None):
     # latents normalised per dimension with the training split's statistics
     data = common.load_mnist(args.dataset, args.data_dir, device)
     splits = latent_splits(autoencoder, data, ae_path, args.cache_dir, args.only_digit, device)
-    stats = {"mean": splits["train_latents"].mean(0), "std": splits["train_latents"].std(0)}  # (D,) each
-    train_z = (splits["train_latents"] - stats["mean"]) / stats["std"]            # (N_train, D)
-    validation_z = (splits["validation_latents"] - stats["mean"]) / stats["std"]  # (N_val, D)
-    stats["bound"] = train_z.abs().max(0).values  # (D,), where sampling clips x0_hat
+    stats, train_z, validation_z = normalised_latents(splits)
     latent_dim = train_z.shape[1]
     eval_samples = min(10000, len(splits["test_images"])) if args.eval_samples is None else args.eval_samples
     classifier = common.load_mnist_classifier(data, args.data_dir, device) if eval_samples else None  # before training
@@ -416,11 +463,6 @@ def main(argv=None):
     val_t = torch.randint(1, args.T + 1, (len(validation_z),), generator=validation_generator).to(device)
     val_noise = torch.randn(validation_z.shape, generator=validation_generator).to(device)
 
-    def validation_loss():
-        with torch.no_grad():
-            z_t = common.q_sample(process, validation_z, val_t, val_noise)
-            return F.mse_loss(ema.model(z_t, val_t), val_noise).item()
-
     def save(path):
         common.save_checkpoint(path, {
             **common.training_state(model, ema, optimizer, generator),
@@ -445,10 +487,7 @@ def main(argv=None):
                        disable=args.no_progress, mininterval=1.0, leave=False)
             for batch_index in bar:
                 z0 = train_z[order[batch_index * args.batch_size:(batch_index + 1) * args.batch_size]]  # (B, D)
-                t = torch.randint(1, args.T + 1, (len(z0),), generator=generator).to(device)   # (B,)
-                noise = torch.randn(z0.shape, generator=generator).to(device)                  # (B, D)
-                with common.autocast(device, args.amp):
-                    loss = F.mse_loss(forward(common.q_sample(process, z0, t, noise), t).float(), noise)
+                loss = eps_loss(forward, process, z0, generator, args.amp)
                 last_loss = common.finite_loss(loss, f"step {step}", last_path)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -470,7 +509,7 @@ def main(argv=None):
                     return
             epoch, batch_index = epoch + 1, 0
             elapsed = time.time() - started
-            val = validation_loss()
+            val = validation_loss(ema.model, process, validation_z, val_t, val_noise)
             improved = val < best_val
             best_val, epochs_without_improvement = (val, 0) if improved else (best_val, epochs_without_improvement + 1)
             best_epoch = epoch if improved else best_epoch
@@ -549,10 +588,10 @@ def evaluate_samples(model, process, autoencoder, stats, splits, classifier, onl
     sampling_s = time.time() - start
     train_z = (splits["train_latents"][pick] - stats["mean"]) / stats["std"]  # (N, D), decoded exactly as samples are
     metrics = {
-        "samples": common.sample_metrics(classifier, samples, reference, only_digit),
-        "decoded_train_latents": common.sample_metrics(classifier, decode_latents(autoencoder, train_z, stats),
+        "samples": sample_metrics(classifier, samples, reference, only_digit),
+        "decoded_train_latents": sample_metrics(classifier, decode_latents(autoencoder, train_z, stats),
                                                        reference, only_digit),
-        "real_train_images": common.sample_metrics(classifier, train_images[pick], reference, only_digit),
+        "real_train_images": sample_metrics(classifier, train_images[pick], reference, only_digit),
         "count": n, "test_reference_count": len(reference)}
     metrics["samples"].update({"sampler": sampler, "steps": steps, "sampling_s": sampling_s})
     fd = {name: metrics[name]["fd"] for name in ("samples", "decoded_train_latents", "real_train_images")}

@@ -20,7 +20,9 @@ import fcntl
 import json
 import math
 import os
+import pickle
 import platform
+import random
 import sys
 import time
 
@@ -41,6 +43,50 @@ NULL_LABEL = NUM_CLASSES  # the "no label" token for classifier-free guidance
 RUN_IDENTITY = ("epochs", "batch_size", "lr", "warmup_steps", "grad_clip", "width", "T", "schedule", "label_dropout",
                 "weight_forward", "weight_inverse", "weight_rt_fi", "weight_rt_if", "ema_decay", "eval_strata",
                 "sampler", "sample_steps", "guidance_scale", "guidance_interval", "samples_per_class", "dataset_seed")
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+def load_mnist1d(data_dir, seed=42):
+    """MNIST1D (Greydanus 2020): 4000 train / 1000 test signals of length 40, 10 classes.
+
+    Generated offline by the mnist1d package and cached as a pickle in data_dir. The package's
+    set_seed reseeds the global `random` and NumPy states; they are restored here.
+    Returns float32 tensors x (4000, 40), x_test (1000, 40) and long tensors y, y_test."""
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as error:
+        raise common.UserError(f"cannot create --data-dir {data_dir}: {error.strerror}")
+    path = os.path.join(data_dir, f"mnist1d_seed{seed}.pkl")
+    data = None
+    if os.path.exists(path):
+        try:
+            with open(path, "rb") as file:
+                data = pickle.load(file)
+        except Exception:
+            print(f"cached MNIST1D at {path} is unreadable; regenerating it")
+    if data is None:
+        from mnist1d.data import get_dataset_args, make_dataset
+        args = get_dataset_args()
+        args.seed = seed
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            data = make_dataset(args)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+        data = {k: data[k] for k in ("x", "y", "x_test", "y_test", "t")}
+        try:
+            common.atomic_write(path, lambda file: pickle.dump(data, file), mode="wb")
+        except OSError as error:
+            raise common.UserError(f"cannot write the MNIST1D cache into --data-dir {data_dir}: {error.strerror}")
+    return {
+        "x": torch.tensor(data["x"], dtype=torch.float32),
+        "y": torch.tensor(data["y"], dtype=torch.long),
+        "x_test": torch.tensor(data["x_test"], dtype=torch.float32),
+        "y_test": torch.tensor(data["y_test"], dtype=torch.long),
+    }
+
 
 # ----------------------------------------------------------------------------------------------
 # The prime inverse: one deterministic transform per digit (0, 1 and 9 fixed by the user).
@@ -70,50 +116,70 @@ def prime_inverse(x, y):
     return out
 
 
+def wandb_status():
+    """One line saying whether W&B is installed and has a key (environment or `wandb login`)."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return "wandb not installed"
+    if os.environ.get("WANDB_API_KEY"):
+        return "W&B key found in WANDB_API_KEY"
+    netrc = os.path.join(os.path.expanduser("~"), ".netrc")
+    if os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read():
+        return "W&B key found from `wandb login`"
+    return "no W&B key (offline mode works; for online set WANDB_API_KEY or run `wandb login`)"
+
+
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--outdir", default="runs/mnist1d", help="directory for everything the run writes")
-    p.add_argument("--data-dir", default="./data", help="where the generated MNIST1D pickle and the classifier are cached")
-    p.add_argument("--configs", nargs="+", default=ALL_CONFIGS, choices=ALL_CONFIGS, metavar="CONFIG",
-                   help=f"configurations to run, of: {' '.join(ALL_CONFIGS)}")
-    p.add_argument("--epochs", type=common.positive_int, default=40, help="training epochs per configuration")
-    p.add_argument("--batch-size", type=common.positive_int, default=256, help="training batch size")
-    p.add_argument("--lr", type=common.positive_float, default=2e-3, help="peak AdamW learning rate (cosine decay after warm-up)")
-    p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up steps")
-    p.add_argument("--grad-clip", type=common.positive_float, default=1.0, help="gradient-norm clipping threshold")
-    p.add_argument("--width", type=common.positive_int, default=16, help="UNet base channels (levels: w, 2w, 2w)")
-    p.add_argument("--T", type=common.positive_int, default=1000, help="diffusion timesteps")
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear"],
-                   help="alpha_bar schedule of the gaussian noise (linear = DDPM betas 1e-4..2e-2 at T = 1000, "
-                        "scaled by 1000/T)")
-    p.add_argument("--label-dropout", type=float, default=0.2,
-                   help="probability of replacing the class label by the null label in z=0 passes (classifier-free "
-                        "guidance); must be > 0: the forward metrics and guidance use the null label")
-    p.add_argument("--weight-forward", type=common.nonnegative_float, default=1.0, help="weight of the forward loss")
-    p.add_argument("--weight-inverse", type=common.nonnegative_float, default=1.0, help="weight of the inverse loss (semi-implicit)")
-    p.add_argument("--weight-rt-fi", type=common.nonnegative_float, default=0.5, help="weight of the forward->inverse round trip (semi-implicit)")
-    p.add_argument("--weight-rt-if", type=common.nonnegative_float, default=0.5, help="weight of the inverse->forward round trip (semi-implicit)")
-    p.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay of the weights used for evaluation")
-    p.add_argument("--eval-strata", type=common.positive_int, default=20,
-                   help="timestep strata for the test metrics (one random t per stratum and test signal)")
-    p.add_argument("--sampler", default="dpmpp", choices=sorted(common.SAMPLERS), help="sampler for generation")
-    p.add_argument("--sample-steps", type=common.positive_int, default=50, help="network evaluations per generated batch")
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = conditional only)")
-    p.add_argument("--guidance-interval", type=common.noise_interval, default=None, metavar="LO,HI",
-                   help="guide only at noise levels sigma = b_t / a_t in [LO, HI] (Kynkaanniemi et al. 2024; "
-                        "default: every step)")
-    p.add_argument("--samples-per-class", type=common.positive_int, default=100, help="generated signals per digit for FD and accuracy")
-    p.add_argument("--seed", type=int, default=0, help="first training seed")
-    p.add_argument("--seeds", type=common.positive_int, default=1, help="repeat every config over this many seeds (seed, seed+1, ...)")
-    p.add_argument("--dataset-seed", type=int, default=42, help="seed of the MNIST1D generator (42 = the standard dataset)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
-    p.add_argument("--wandb", default="off", choices=["off", "offline", "online"], help="Weights & Biases logging")
-    p.add_argument("--wandb-project", default="diffusion-lab-mnist1d", help="W&B project (or set WANDB_PROJECT)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --outdir from its checkpoints")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    p.add_argument("--check", action="store_true", help="pre-flight: imports, W&B login, dataset, device, one step; then exit")
+    data = p.add_argument_group("data").add_argument
+    data("--data-dir", default="./data", help="where the generated MNIST1D pickle and the classifier are cached")
+    data("--dataset-seed", type=int, default=42, help="seed of the MNIST1D generator (42 = the standard dataset)")
+    model = p.add_argument_group("model").add_argument
+    model("--configs", nargs="+", default=ALL_CONFIGS, choices=ALL_CONFIGS, metavar="CONFIG",
+          help=f"configurations to run, of: {' '.join(ALL_CONFIGS)}")
+    model("--width", type=common.positive_int, default=16, help="UNet base channels (levels: w, 2w, 2w)")
+    model("--T", type=common.positive_int, default=1000, help="diffusion timesteps")
+    model("--schedule", default="cosine", choices=["cosine", "linear"],
+          help="alpha_bar schedule of the gaussian noise (linear = DDPM betas 1e-4..2e-2 at T = 1000, "
+               "scaled by 1000/T)")
+    model("--label-dropout", type=float, default=0.2,
+          help="probability of replacing the class label by the null label in z=0 passes (classifier-free "
+               "guidance); must be > 0: the forward metrics and guidance use the null label")
+    training = p.add_argument_group("training").add_argument
+    training("--epochs", type=common.positive_int, default=40, help="training epochs per configuration")
+    training("--batch-size", type=common.positive_int, default=256, help="training batch size")
+    training("--lr", type=common.positive_float, default=2e-3, help="peak AdamW learning rate (cosine decay after warm-up)")
+    training("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up steps")
+    training("--grad-clip", type=common.positive_float, default=1.0, help="gradient-norm clipping threshold")
+    training("--weight-forward", type=common.nonnegative_float, default=1.0, help="weight of the forward loss")
+    training("--weight-inverse", type=common.nonnegative_float, default=1.0, help="weight of the inverse loss (semi-implicit)")
+    training("--weight-rt-fi", type=common.nonnegative_float, default=0.5, help="weight of the forward->inverse round trip (semi-implicit)")
+    training("--weight-rt-if", type=common.nonnegative_float, default=0.5, help="weight of the inverse->forward round trip (semi-implicit)")
+    training("--ema-decay", type=float, default=0.995, help="EMA decay of the weights used for evaluation")
+    training("--seed", type=int, default=0, help="first training seed")
+    training("--seeds", type=common.positive_int, default=1, help="repeat every config over this many seeds (seed, seed+1, ...)")
+    sampling = p.add_argument_group("sampling").add_argument
+    sampling("--sampler", default="dpmpp", choices=sorted(common.SAMPLERS), help="sampler for generation")
+    sampling("--sample-steps", type=common.positive_int, default=50, help="network evaluations per generated batch")
+    sampling("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = conditional only)")
+    sampling("--guidance-interval", type=common.noise_interval, default=None, metavar="LO,HI",
+             help="guide only at noise levels sigma = b_t / a_t in [LO, HI] (Kynkaanniemi et al. 2024; "
+                  "default: every step)")
+    evaluation = p.add_argument_group("evaluation").add_argument
+    evaluation("--eval-strata", type=common.positive_int, default=20,
+               help="timestep strata for the test metrics (one random t per stratum and test signal)")
+    evaluation("--samples-per-class", type=common.positive_int, default=100, help="generated signals per digit for FD and accuracy")
+    system = p.add_argument_group("system").add_argument
+    system("--outdir", default="runs/mnist1d", help="directory for everything the run writes")
+    system("--resume", action="store_true", help="continue the run in --outdir from its checkpoints")
+    system("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    system("--compile", action="store_true", help="torch.compile the model (GPU)")
+    system("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    system("--wandb", default="off", choices=["off", "offline", "online"], help="Weights & Biases logging")
+    system("--wandb-project", default="diffusion-lab-mnist1d", help="W&B project (or set WANDB_PROJECT)")
+    system("--no-progress", action="store_true", help="no tqdm progress bars")
+    system("--check", action="store_true", help="pre-flight: imports, W&B login, dataset, device, one step; then exit")
     args = p.parse_args(argv)
     # every flag is checked here, before any data or training: one line, exit 2
     if not 0 < args.label_dropout < 1:
@@ -141,6 +207,46 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # model
 
+def ResBlock1d(in_channels, out_channels, emb_dim, groups=8):
+    """The 1-D ResBlock (the name UNet1d and its users know)."""
+    return common.ResBlock(in_channels, out_channels, emb_dim, groups, dims=1)
+
+
+class UNet1d(nn.Module):
+    """A small 1-D UNet for signals (B, C, L), L divisible by 2**(len(channels)-1).
+
+    Conditioned on an embedding (B, emb_dim) that the caller builds (time, direction, class, ...)."""
+
+    def __init__(self, in_channels=1, out_channels=1, channels=(64, 128, 128), emb_dim=128):
+        super().__init__()
+        self.stem = nn.Conv1d(in_channels, channels[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        self.up = nn.ModuleList()
+        widths = [channels[0]] + list(channels)
+        for i in range(len(channels)):
+            self.down.append(ResBlock1d(widths[i], widths[i + 1], emb_dim))
+        self.mid = ResBlock1d(channels[-1], channels[-1], emb_dim)
+        for i in reversed(range(len(channels))):
+            self.up.append(ResBlock1d(widths[i + 1] * 2, widths[i], emb_dim))
+        self.head = nn.Sequential(nn.GroupNorm(8, channels[0]), nn.SiLU(), nn.Conv1d(channels[0], out_channels, 3, padding=1))
+        self.levels = len(channels)
+
+    def forward(self, x, emb):  # x: (B, C, L), emb: (B, emb_dim)
+        h = self.stem(x)
+        skips = []
+        for i, block in enumerate(self.down):
+            h = block(h, emb)
+            skips.append(h)
+            if i < self.levels - 1:
+                h = F.avg_pool1d(h, 2)
+        h = self.mid(h, emb)
+        for i, block in enumerate(self.up):
+            if i > 0:
+                h = F.interpolate(h, scale_factor=2, mode="nearest")
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.head(h)
+
+
 class Denoiser(nn.Module):
     """x0-prediction UNet conditioned on time t, direction z (0 forward, 1 inverse) and an optional
     class label (NULL_LABEL = none). (B, 40) -> (B, 40).
@@ -160,7 +266,7 @@ class Denoiser(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.direction = nn.Embedding(2, emb_dim)
         self.label = nn.Embedding(NUM_CLASSES + 1, emb_dim)
-        self.unet = common.UNet1d(1, 1, (width, 2 * width, 2 * width), emb_dim)
+        self.unet = UNet1d(1, 1, (width, 2 * width, 2 * width), emb_dim)
 
     def forward(self, x, t, z, y):  # x: (B, 40), t, z, y: (B,)
         emb = self.time_mlp(common.timestep_embedding(t, self.emb_dim)) + self.direction(z) + self.label(y)
@@ -226,13 +332,50 @@ def load_or_train_classifier(data, data_dir, dataset_seed, device):
 # ----------------------------------------------------------------------------------------------
 # losses
 
+def vlb_weights(process):
+    """Per-timestep weight w_t of the variational bound in x0-space, shape (T+1,), w_0 unused.
+
+    For t >= 2, KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) with p sharing q's variance and x0 -> x0_hat
+    is w_t * ||x0 - x0_hat||^2 with w_t = (SNR(t-1) - SNR(t)) / 2 (VDM, Eq. 13 in discrete time).
+    For t = 1 the term is the decoder -log N(x0; x0_hat, b_1^2): weight 1 / (2 b_1^2)."""
+    snr = process.snr()
+    weights = torch.zeros_like(snr)
+    weights[2:] = (snr[1:-1] - snr[2:]) / 2
+    weights[1] = 1 / (2 * process.b[1] ** 2)
+    return weights
+
+
+def vlb_terms(process, x0, x0_pred, t, decoder_constant=True):
+    """L_{t-1} per sample in nats (summed over all but the batch dim), shape (B,).
+
+    t >= 2: the Gaussian KL above; t = 1: the decoder negative log-likelihood, with its constant
+    0.5 * dims * log(2 pi b_1^2) unless decoder_constant=False (a training loss has no use for it).
+    Differentiable in x0_pred. x0, x0_pred: (B, ...); t: (B,) long in 1..T."""
+    weights = common.at_timestep(vlb_weights(process), t, x0).flatten()
+    squared_error = (x0 - x0_pred).pow(2).flatten(1).sum(1)
+    if not decoder_constant:
+        return weights * squared_error
+    dims = x0[0].numel()
+    decoder_const = torch.where(t == 1, 0.5 * dims * torch.log(2 * math.pi * process.b[1].to(x0) ** 2),
+                                torch.zeros((), dtype=x0.dtype, device=x0.device))
+    return weights * squared_error + decoder_const
+
+
+def prior_kl(process, x0):
+    """L_T = KL(q(x_T | x0) || N(0, I)) per sample in nats, shape (B,)."""
+    a_T, b_T = process.a[-1].item(), process.b[-1].item()
+    mean2 = (a_T * x0).pow(2).flatten(1).sum(1)
+    dims = x0[0].numel()
+    return 0.5 * (mean2 + dims * (b_T**2 - 1 - math.log(b_T**2)))
+
+
 def forward_loss(process, kind, x0, x0_pred, t):
     """Per-sample forward loss (B,). mse: mean squared error on x0. kl: the variational-bound term
-    L_{t-1} (common.vlb_terms, nats) times T, per dimension: an unbiased estimate of the bound's
+    L_{t-1} (vlb_terms, nats) times T, per dimension: an unbiased estimate of the bound's
     sum over t for t ~ U{1..T}, without the terms that carry no gradient (L_T, the decoder's constant)."""
     if kind == "mse":
         return (x0_pred - x0).pow(2).mean(1)
-    return process.T * common.vlb_terms(process, x0, x0_pred, t, decoder_constant=False) / x0.shape[1]
+    return process.T * vlb_terms(process, x0, x0_pred, t, decoder_constant=False) / x0.shape[1]
 
 
 def training_losses(model, process, args, loss_kind, semi_implicit, x0, y, generator):
@@ -359,7 +502,7 @@ def evaluate(model, process, data, args, device, band=None, forward_only=False):
         if not forward_only:
             sums["forward_conditional"] += size * (model(x_t, t, forward_z, y) - x0).pow(2).mean().item()
             sums["inverse"] += size * (model(x0, t, inverse_z, no_label) - target_inverse).pow(2).mean().item()
-            sums["vlb"] += size * common.vlb_terms(process, x0, pred, t).mean().item()
+            sums["vlb"] += size * vlb_terms(process, x0, pred, t).mean().item()
         forward_by_stratum.append(forward)
         stratum_centres.append(t.float().mean().item())
     T = process.T
@@ -374,7 +517,7 @@ def evaluate(model, process, data, args, device, band=None, forward_only=False):
         metrics.update({
             "test_mse_forward_conditional": sums["forward_conditional"] / T,
             "test_mse_inverse": sums["inverse"] / T,
-            "test_kl": (sums["vlb"] + common.prior_kl(process, x0).mean().item()) / dims,
+            "test_kl": (sums["vlb"] + prior_kl(process, x0).mean().item()) / dims,
         })
         metrics["test_mse"] = (metrics["test_mse_forward"] + metrics["test_mse_inverse"]) / 2
     return metrics
@@ -461,6 +604,35 @@ def identity_mismatch(stored, args, where):
     return common.UserError(f"--resume: {where} was run with {flags}; use those settings or another --outdir")
 
 
+def load_finished_result(result_path, args, label):
+    """The result.json of a config finished earlier with the same settings (else a one-line error)."""
+    with open(result_path) as file:
+        result = json.load(file)
+    mismatch = identity_mismatch(result.get("identity"), args, result_path)
+    if mismatch:
+        raise mismatch
+    print(f"{label} done earlier with the same settings, loading {result_path}")
+    return result
+
+
+def evaluate_config(ema_model, process, data, args, device, linear, classifier, reference_features, seed):
+    """The test metrics of a trained config beside the best linear denoiser (`linear`), and its generated
+    signals scored by the classifier: the model-dependent part of its result."""
+    metrics = evaluate(ema_model, process, data, args, device, band=linear["band"])
+    samples, labels = generate(ema_model, process, args, device, seed=seed + 777)
+    sample_fd, sample_fd_reason, sample_accuracy = sample_quality(classifier, samples, labels, reference_features)
+    return {
+        **{k: v for k, v in metrics.items() if k != "forward_mse_by_t"},
+        # the forward MSE as a multiple of the best linear denoiser's, overall and in the mid-noise band
+        "linear_ratio": metrics["test_mse_forward"] / linear["mse"],
+        "linear_ratio_band": metrics["test_mse_forward_band"] / linear["band_mse"],
+        "sample_fd": sample_fd, "sample_fd_unavailable": sample_fd_reason, "sample_accuracy": sample_accuracy,
+        "forward_mse_by_t": metrics["forward_mse_by_t"],
+        "samples": samples[:: args.samples_per_class // 4 or 1].cpu().tolist(),
+        "sample_labels": labels[:: args.samples_per_class // 4 or 1].cpu().tolist(),
+    }
+
+
 def run_config(name, seed, args, data, classifier, reference_features, device, stop, logger_args, linear):
     """Train one config with one seed (resumable), evaluate it against its process's linear denoiser
     (`linear`, from linear_reference), generate; write and return its result."""
@@ -471,13 +643,7 @@ def run_config(name, seed, args, data, classifier, reference_features, device, s
     os.makedirs(run_dir, exist_ok=True)
     result_path, checkpoint_path = os.path.join(run_dir, "result.json"), os.path.join(run_dir, "checkpoint.pt")
     if args.resume and os.path.exists(result_path):
-        with open(result_path) as file:
-            result = json.load(file)
-        mismatch = identity_mismatch(result.get("identity"), args, result_path)
-        if mismatch:
-            raise mismatch
-        print(f"[{name} seed {seed}] done earlier with the same settings, loading {result_path}")
-        return result
+        return load_finished_result(result_path, args, f"[{name} seed {seed}]")
 
     process = common.make_process(noise, args.T, args.schedule)
     torch.manual_seed(seed)
@@ -560,25 +726,14 @@ def run_config(name, seed, args, data, classifier, reference_features, device, s
             sys.exit(0)
     runtime = time.time() - started
 
-    ema_model = ema.model.eval()
-    metrics = evaluate(ema_model, process, data, args, device, band=linear["band"])
-    samples, labels = generate(ema_model, process, args, device, seed=seed + 777)
-    sample_fd, sample_fd_reason, sample_accuracy = sample_quality(classifier, samples, labels, reference_features)
     train_loss = [epoch_means["loss"] for epoch_means in state["history"]]
     convergence_rate, epochs_to_90pct = convergence(train_loss)
     result = {
         "name": name, "loss": loss_kind, "noise": noise, "training": training, "seed": seed,
-        **{k: v for k, v in metrics.items() if k != "forward_mse_by_t"},
-        # the forward MSE as a multiple of the best linear denoiser's, overall and in the mid-noise band
-        "linear_ratio": metrics["test_mse_forward"] / linear["mse"],
-        "linear_ratio_band": metrics["test_mse_forward_band"] / linear["band_mse"],
+        **evaluate_config(ema.model.eval(), process, data, args, device, linear, classifier, reference_features, seed),
         "runtime_s": runtime, "convergence_rate": convergence_rate, "epochs_to_90pct": epochs_to_90pct,
         "train_loss": train_loss,
         "train_components": {k: [e[k] for e in state["history"]] for k in state["history"][0] if k != "loss"} if state["history"] else {},
-        "sample_fd": sample_fd, "sample_fd_unavailable": sample_fd_reason, "sample_accuracy": sample_accuracy,
-        "forward_mse_by_t": metrics["forward_mse_by_t"],
-        "samples": samples[:: args.samples_per_class // 4 or 1].cpu().tolist(),
-        "sample_labels": labels[:: args.samples_per_class // 4 or 1].cpu().tolist(),
         "parameters": common.count_parameters(model),
         "identity": run_identity(args),
     }
@@ -586,10 +741,10 @@ def run_config(name, seed, args, data, classifier, reference_features, device, s
     logger.log({"config": name, "seed": seed, **{f"test/{k}": v for k, v in result.items()
                                                    if isinstance(v, float)}}, step=total_steps)
     logger.finish(result)
+    fd = f"{result['sample_fd']:.2f}" if result["sample_fd"] is not None else f"n/a ({result['sample_fd_unavailable']})"
     print(f"[{name} seed {seed}] test mse fwd {result['test_mse_forward']:.4f} ({result['linear_ratio']:.3f} x linear, "
           f"{result['linear_ratio_band']:.3f} x in the mid-noise band) inv {result['test_mse_inverse']:.4f} "
-          f"kl {result['test_kl']:.3f} | samples FD {f'{sample_fd:.2f}' if sample_fd is not None else f'n/a ({sample_fd_reason})'} "
-          f"acc {sample_accuracy:.3f} | {runtime:.0f}s")
+          f"kl {result['test_kl']:.3f} | samples FD {fd} acc {result['sample_accuracy']:.3f} | {runtime:.0f}s")
     return result
 
 
@@ -827,10 +982,10 @@ def preflight(args):
             print(f"import {module}: ok")
         except ImportError as error:
             raise common.UserError(f"import {module} failed ({error}); run pip install -r requirements.txt")
-    print(common.wandb_status())
+    print(wandb_status())
     device = common.pick_device(args.device)
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    data = common.load_mnist1d(args.data_dir, args.dataset_seed)
+    data = load_mnist1d(args.data_dir, args.dataset_seed)
     print(f"MNIST1D: {len(data['x'])} train / {len(data['x_test'])} test signals, cached in {args.data_dir}")
     process = common.make_process("gaussian", args.T, args.schedule)
     model = Denoiser(process, args.width).to(device)
@@ -844,8 +999,8 @@ def preflight(args):
 
 def references(args, device):
     """Data, evaluation classifier and every reference a sweep is judged against (same for every config)."""
-    data = common.load_mnist1d(args.data_dir, args.dataset_seed)
-    fresh = common.load_mnist1d(args.data_dir, args.dataset_seed + 1)  # unseen real signals for the real-vs-real FD
+    data = load_mnist1d(args.data_dir, args.dataset_seed)
+    fresh = load_mnist1d(args.data_dir, args.dataset_seed + 1)  # unseen real signals for the real-vs-real FD
     dataset = {"name": "mnist1d", "train": len(data["x"]), "test": len(data["x_test"]), "classes": NUM_CLASSES,
                "seed": args.dataset_seed}
     classifier, classifier_accuracy = load_or_train_classifier(data, args.data_dir, args.dataset_seed, device)

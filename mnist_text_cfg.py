@@ -604,63 +604,68 @@ def channel_list(text):
 
 def parse_args(argv=None):
     parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
-    add("--text-encoder", choices=ENCODERS, default="minilm",
-        help="minilm (packaged all-MiniLM-L6-v2), clip (CLIP ViT-B/32 text tower), class (learned label embedding)")
-    add("--text-encoder-path", default=None, help="local folder of the text encoder (CLIP: a saved CLIPModel or CLIPTextModel)")
-    add("--channels", type=channel_list, default=[32, 64, 64], help="UNet widths at 28, 14 and 7 pixels")
-    add("--heads", type=common.positive_int, default=1, help="cross-attention heads")
-    add("--emb-dim", type=common.positive_int, default=128, help="time/caption embedding width")
-    add("--epochs", type=common.positive_int, default=None, help="training epochs (default: as many as --max-minutes allows)")
-    add("--max-minutes", type=common.nonnegative_float, default=10.0,
-        help="training budget in wall-clock minutes, quick evaluations, grids and checkpoints not counted; the LR "
-             "schedule is planned to end with it (0 = no limit, give --epochs)")
-    add("--max-steps", type=common.positive_int, default=None, help="stop after this many optimiser steps (debugging)")
-    add("--batch-size", type=common.positive_int, default=64, help="images per step per process")
-    add("--lr", type=common.positive_float, default=2e-3, help="peak AdamW learning rate")
-    add("--weight-decay", type=common.nonnegative_float, default=0.0, help="AdamW weight decay")
-    add("--warmup-steps", type=int, default=100, help="linear LR warm-up steps, then cosine decay to 0")
-    add("--grad-clip", type=common.positive_float, default=1.0, help="clip the gradient norm to this value")
-    add("--ema-decay", type=float, default=0.999, help="EMA decay of the weights (with warm-up)")
-    add("--cond-drop", type=float, default=0.1, help="probability of replacing the caption by the empty prompt")
-    add("--T", type=common.positive_int, default=1000, help="diffusion steps (cosine schedule)")
-    add("--prediction", choices=PREDICTIONS, default="v",
-        help="network output: v = a_t eps - b_t x0 (Salimans & Ho 2022) or eps (Ho et al. 2020); v learns the "
-             "prompt far faster in a short run (BENCHMARKS.md)")
-    add("--min-snr-gamma", type=common.nonnegative_float, default=0.0,
-        help="Min-SNR loss weighting min(SNR_t, gamma) / SNR_t for eps, / (SNR_t + 1) for v (Hang et al. 2023; "
-             "5 is theirs); 0 = plain MSE")
-    add("--guidance-scale", type=common.nonnegative_float, default=DEFAULT_GUIDANCE,
-        help="CFG scale w for evaluation and grids: 0 unconditional, 1 conditional, > 1 guided (lower: better FID, "
-             "lower prompt accuracy; BENCHMARKS.md)")
-    add("--guidance-interval", type=common.noise_interval, default=DEFAULT_INTERVAL, metavar="LO,HI",
-        help="apply guidance only at noise levels sigma = b_t / a_t in [LO, HI] (Kynkaanniemi et al. 2024); "
-             "0,inf = every step (plain CFG)")
-    add("--sampler", choices=sorted(common.SAMPLERS), default="dpmpp", help="sampler for evaluation and grids")
-    add("--sample-steps", type=common.positive_int, default=20, help="sampler steps for evaluation and grids")
-    add("--eval-every", type=int, default=500, help="quick EMA evaluation every N steps (0 = only at the end)")
-    add("--eval-samples", type=int, default=100, help="samples in each quick evaluation during training")
-    add("--final-samples", type=int, default=2000, help="samples in the final evaluation (0 = skip it)")
-    add("--heldout-samples", type=int, default=600, help="samples of held-out prompts in the final evaluation")
-    add("--fid", choices=("lenet", "inception"), default="lenet",
-        help="FID features: the project's MNIST classifier (lenet) or Inception-v3 (slow on CPU)")
-    add("--clip-score", action="store_true", help="also report the CLIP score (needs full CLIP weights, --text-encoder-path)")
-    add("--grid-columns", type=int, default=8, help="samples per digit row in each epoch's grid (0 = no grids)")
-    add("--keep-checkpoints", type=common.positive_int, default=3, help="epoch checkpoints kept (older ones deleted)")
-    add("--resume", action="store_true", help="continue from the newest checkpoint in --outdir")
-    add("--outdir", default="runs/text-cfg", help="where everything of this run goes")
-    add("--dataset", choices=common.DATASETS, default="auto", help="mnist (full), mnist5k (offline subset), auto")
-    add("--data-dir", default="./data", help="MNIST, the cached classifier, caption embeddings and FID statistics")
-    add("--limit-train-images", type=common.positive_int, default=None, help="train on the first N images only (smoke tests)")
-    add("--seed", type=int, default=0, help="random seed (same seed and --threads on CPU -> same numbers)")
-    add("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    add("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    add("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
-    add("--compile", action="store_true", help="torch.compile the UNet for training")
-    add("--channels-last", action="store_true", help="channels-last memory format (can be faster on CPU/GPU)")
-    add("--log-every", type=common.positive_int, default=50, help="steps between metrics.jsonl lines")
-    add("--wandb", choices=("off", "offline", "online"), default="off", help="Weights & Biases mode")
-    add("--no-progress", action="store_true", help="no tqdm bars (batch jobs)")
+    data = parser.add_argument_group("data").add_argument
+    data("--dataset", choices=common.DATASETS, default="auto", help="mnist (full), mnist5k (offline subset), auto")
+    data("--data-dir", default="./data", help="MNIST, the cached classifier, caption embeddings and FID statistics")
+    data("--limit-train-images", type=common.positive_int, default=None, help="train on the first N images only (smoke tests)")
+    model = parser.add_argument_group("model").add_argument
+    model("--text-encoder", choices=ENCODERS, default="minilm",
+          help="minilm (packaged all-MiniLM-L6-v2), clip (CLIP ViT-B/32 text tower), class (learned label embedding)")
+    model("--text-encoder-path", default=None, help="local folder of the text encoder (CLIP: a saved CLIPModel or CLIPTextModel)")
+    model("--channels", type=channel_list, default=[32, 64, 64], help="UNet widths at 28, 14 and 7 pixels")
+    model("--heads", type=common.positive_int, default=1, help="cross-attention heads")
+    model("--emb-dim", type=common.positive_int, default=128, help="time/caption embedding width")
+    model("--T", type=common.positive_int, default=1000, help="diffusion steps (cosine schedule)")
+    model("--prediction", choices=PREDICTIONS, default="v",
+          help="network output: v = a_t eps - b_t x0 (Salimans & Ho 2022) or eps (Ho et al. 2020); v learns the "
+               "prompt far faster in a short run (BENCHMARKS.md)")
+    training = parser.add_argument_group("training").add_argument
+    training("--epochs", type=common.positive_int, default=None, help="training epochs (default: as many as --max-minutes allows)")
+    training("--max-minutes", type=common.nonnegative_float, default=10.0,
+             help="training budget in wall-clock minutes, quick evaluations, grids and checkpoints not counted; the LR "
+                  "schedule is planned to end with it (0 = no limit, give --epochs)")
+    training("--max-steps", type=common.positive_int, default=None, help="stop after this many optimiser steps (debugging)")
+    training("--batch-size", type=common.positive_int, default=64, help="images per step per process")
+    training("--lr", type=common.positive_float, default=2e-3, help="peak AdamW learning rate")
+    training("--weight-decay", type=common.nonnegative_float, default=0.0, help="AdamW weight decay")
+    training("--warmup-steps", type=int, default=100, help="linear LR warm-up steps, then cosine decay to 0")
+    training("--grad-clip", type=common.positive_float, default=1.0, help="clip the gradient norm to this value")
+    training("--ema-decay", type=float, default=0.999, help="EMA decay of the weights (with warm-up)")
+    training("--cond-drop", type=float, default=0.1, help="probability of replacing the caption by the empty prompt")
+    training("--min-snr-gamma", type=common.nonnegative_float, default=0.0,
+             help="Min-SNR loss weighting min(SNR_t, gamma) / SNR_t for eps, / (SNR_t + 1) for v (Hang et al. 2023; "
+                  "5 is theirs); 0 = plain MSE")
+    training("--seed", type=int, default=0, help="random seed (same seed and --threads on CPU -> same numbers)")
+    sampling = parser.add_argument_group("sampling").add_argument
+    sampling("--guidance-scale", type=common.nonnegative_float, default=DEFAULT_GUIDANCE,
+             help="CFG scale w for evaluation and grids: 0 unconditional, 1 conditional, > 1 guided (lower: better FID, "
+                  "lower prompt accuracy; BENCHMARKS.md)")
+    sampling("--guidance-interval", type=common.noise_interval, default=DEFAULT_INTERVAL, metavar="LO,HI",
+             help="apply guidance only at noise levels sigma = b_t / a_t in [LO, HI] (Kynkaanniemi et al. 2024); "
+                  "0,inf = every step (plain CFG)")
+    sampling("--sampler", choices=sorted(common.SAMPLERS), default="dpmpp", help="sampler for evaluation and grids")
+    sampling("--sample-steps", type=common.positive_int, default=20, help="sampler steps for evaluation and grids")
+    evaluation = parser.add_argument_group("evaluation").add_argument
+    evaluation("--eval-every", type=int, default=500, help="quick EMA evaluation every N steps (0 = only at the end)")
+    evaluation("--eval-samples", type=int, default=100, help="samples in each quick evaluation during training")
+    evaluation("--final-samples", type=int, default=2000, help="samples in the final evaluation (0 = skip it)")
+    evaluation("--heldout-samples", type=int, default=600, help="samples of held-out prompts in the final evaluation")
+    evaluation("--fid", choices=("lenet", "inception"), default="lenet",
+               help="FID features: the project's MNIST classifier (lenet) or Inception-v3 (slow on CPU)")
+    evaluation("--clip-score", action="store_true", help="also report the CLIP score (needs full CLIP weights, --text-encoder-path)")
+    evaluation("--grid-columns", type=int, default=8, help="samples per digit row in each epoch's grid (0 = no grids)")
+    system = parser.add_argument_group("system").add_argument
+    system("--outdir", default="runs/text-cfg", help="where everything of this run goes")
+    system("--resume", action="store_true", help="continue from the newest checkpoint in --outdir")
+    system("--keep-checkpoints", type=common.positive_int, default=3, help="epoch checkpoints kept (older ones deleted)")
+    system("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    system("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    system("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    system("--compile", action="store_true", help="torch.compile the UNet for training")
+    system("--channels-last", action="store_true", help="channels-last memory format (can be faster on CPU/GPU)")
+    system("--log-every", type=common.positive_int, default=50, help="steps between metrics.jsonl lines")
+    system("--wandb", choices=("off", "offline", "online"), default="off", help="Weights & Biases mode")
+    system("--no-progress", action="store_true", help="no tqdm bars (batch jobs)")
     args = parser.parse_args(argv)
     if args.epochs is None and args.max_minutes == 0 and args.max_steps is None:
         parser.error("give --epochs, --max-minutes > 0 or --max-steps: otherwise the run never ends")
@@ -715,6 +720,158 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def load_training_images(args, global_batch, device):
+    """(the MNIST dict, training images (N, 1, 28, 28) in [-1, 1] on the device, their labels (N,))."""
+    data = common.load_mnist(args.dataset, args.data_dir, device)
+    train_x, train_y = data["x"] * 2 - 1, data["y"]
+    if args.limit_train_images:
+        train_x, train_y = train_x[:args.limit_train_images], train_y[:args.limit_train_images]
+    if len(train_x) < global_batch:
+        raise UserError(f"{len(train_x)} training images are fewer than one batch ({global_batch})")
+    return data, train_x, train_y
+
+
+def min_snr_weight(process, prediction, gamma, device):
+    """Min-SNR-gamma (Hang et al. 2023, Eq. 9 and Sec. 3.4) per timestep (T + 1,), or None for gamma 0: the
+    weight on the x0-error, min(SNR, gamma), divided by the factor that the eps-loss (SNR) or the v-loss
+    (SNR + 1) already puts on it."""
+    if not gamma:
+        return None
+    snr = process.snr()  # (T + 1,)
+    divisor = snr + 1 if prediction == "v" else snr
+    return (snr.clamp(max=gamma) / divisor).float().to(device)
+
+
+def resume_from(path, config, model, ema, optimizer, generator):
+    """Restore a stopped run's training state from `path` into model, EMA, optimiser and generator, after
+    checking that the settings that change its numbers agree; returns its progress dict."""
+    state = common.load_checkpoint(path, script=SCRIPT, kinds={KIND})
+    for key in ("text_encoder", "channels", "prediction", "batch_size", "lr", "T", "min_snr_gamma", "seed",
+                "dataset_used", "world_size"):
+        saved = state["config"].get(key, {"min_snr_gamma": 0.0, "prediction": "eps"}.get(key))  # older runs: eps MSE
+        if saved != config[key]:
+            raise UserError(f"{path} was trained with {key}={saved!r}, not {config[key]!r}")
+    common.restore_training_state(state, path, model, ema, optimizer, generator)
+    return state["progress"]
+
+
+def learning_rate(step, peak, warmup_steps, total_steps):
+    """Linear warm-up, then cosine decay to 0 at total_steps (Loshchilov & Hutter 2017). A function of the
+    step alone, so resuming needs no scheduler state."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
+
+
+def plan_total_steps(progress, max_minutes, step_limit, world_size):
+    """With --max-minutes: the steps that fit in the budget at the training speed measured so far, capped by
+    --epochs/--max-steps (step_limit); rank 0 decides for all ranks."""
+    if not max_minutes or progress["step"] < 20:
+        return progress["total_steps"]
+    elapsed = progress["elapsed"]
+    fit = progress["step"] + int((max_minutes * 60 - elapsed) / (elapsed / progress["step"]))
+    planned = torch.tensor([max(progress["step"], min(fit, step_limit))])  # budget spent: stop now
+    if world_size > 1:
+        dist.broadcast(planned, 0)
+    return int(planned)
+
+
+def stop_requested(stop, world_size, device):
+    """The signal name when SIGTERM/SIGUSR1 reached any rank, else None (a collective only with several
+    processes, so every rank must call it equally often)."""
+    if world_size == 1:
+        return stop.received
+    flag = torch.tensor([1.0 if stop.received else 0.0], device=device)
+    dist.all_reduce(flag)
+    return (stop.received or "SIGTERM") if flag.item() > 0 else None
+
+
+def save_training_checkpoint(outdir, name, state, keep_checkpoints, keep=True):
+    """Write checkpoints/<name> atomically; with keep, delete all but the newest keep_checkpoints."""
+    path = os.path.join(outdir, "checkpoints", name)
+    common.save_checkpoint(path, state)
+    old = [p for p in checkpoint_paths(outdir) if p != path]
+    for stale in old[:max(0, len(old) - (keep_checkpoints - 1))] if keep else []:
+        os.remove(stale)
+    return path
+
+
+def draw_batch(generator, args, order, batch_index, global_batch, rank, train_x, train_y, null_id, device):
+    """One process's slice of a global batch: (x0 (B, 1, 28, 28), t (B,), noise (B, 1, 28, 28), caption ids (B,)).
+    Every rank draws the randomness of the whole global batch and keeps its slice: ranks see different images
+    and noise, and the update equals one process at batch world_size * B. A caption id is digit + 10 * template,
+    or null_id with probability --cond-drop (classifier-free guidance's unconditional model)."""
+    index = order[batch_index * global_batch:(batch_index + 1) * global_batch]
+    t = torch.randint(1, args.T + 1, (global_batch,), generator=generator)  # (G,)
+    noise = torch.randn(global_batch, 1, 28, 28, generator=generator)  # (G, 1, 28, 28)
+    template = torch.randint(0, len(TRAIN_TEMPLATES), (global_batch,), generator=generator)
+    dropped = torch.rand(global_batch, generator=generator) < args.cond_drop
+    mine = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
+    x0, labels = train_x[index[mine]], train_y[index[mine]]
+    caption_ids = torch.where(dropped[mine].to(device), null_id, labels + 10 * template[mine].to(device))
+    return x0, t[mine].to(device), noise[mine].to(device), caption_ids
+
+
+def train_step(network, model, ema, optimizer, process, table, batch, args, lr, snr_weight, where, last_checkpoint):
+    """One optimiser step on the MSE of v (or eps: Ho et al. 2020, Alg. 1), Min-SNR-weighted when snr_weight
+    is given; returns (loss as a float, the gradient norm before clipping)."""
+    x0, t, noise, caption_ids = batch
+    x_t = common.q_sample(process, x0, t, noise)
+    if args.channels_last:
+        x_t = x_t.contiguous(memory_format=torch.channels_last)
+    target = training_target(args.prediction, x0, noise, common.at_timestep(process.a, t, x0),
+                             common.at_timestep(process.b, t, x0))  # (B, 1, 28, 28)
+    with common.autocast(x0.device, not args.no_amp):
+        output = network(x_t, t, caption_ids, table).float()
+    if snr_weight is not None:
+        per_image = (output - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        loss = (per_image * snr_weight[t]).mean()
+    else:
+        loss = F.mse_loss(output, target)
+    value = common.finite_loss(loss, where, last_checkpoint)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    ema.update(model)
+    return value, grad_norm
+
+
+def progress_record(progress, args, loss, grad_norm, rate, global_batch, steps_per_epoch, device):
+    """The metrics.jsonl / W&B line of a logging step."""
+    step = progress["step"]
+    record = {"train/loss": loss,
+              "train/learning_rate": learning_rate(step - 1, args.lr, args.warmup_steps, progress["total_steps"]),
+              "train/grad_norm": float(grad_norm), "system/steps_per_second": rate,
+              "system/images_per_second": rate * global_batch,
+              "progress/epoch": progress["epoch"] + progress["batch_index"] / steps_per_epoch,
+              "progress/steps_completed": step, "progress/steps_remaining": progress["total_steps"] - step,
+              "progress/percent_complete": 100 * step / progress["total_steps"]}
+    if device.type == "cuda":
+        record["system/gpu_memory_allocated_gb"] = torch.cuda.memory_allocated(device) / 2**30
+        record["system/gpu_memory_reserved_gb"] = torch.cuda.memory_reserved(device) / 2**30
+    return record
+
+
+def evaluate_ema(evaluator, ema, process, table, null_id, args, count, full):
+    """(metrics, images) of `count` guided samples of the EMA model; full adds held-out prompts and progress."""
+    return evaluator(ema.model, process, table, null_id, count, args.heldout_samples if full else 0,
+                     args.guidance_scale, args.sampler, args.sample_steps, args.seed + 1000, full=full,
+                     progress=full and not args.no_progress, interval=args.guidance_interval)
+
+
+def save_sample_grid(path, ema, process, table, null_id, args, device):
+    """A labelled grid: one row per digit's first training prompt, --grid-columns samples each; its prompts."""
+    digits = torch.arange(10, device=device).repeat_interleave(args.grid_columns)
+    images = sample_images(ema.model, process, table, digits, null_id, args.guidance_scale, args.sampler,
+                           args.sample_steps, seed=args.seed, interval=args.guidance_interval)
+    prompts = [TRAIN_TEMPLATES[0].format(digit=d) for d in range(10)]
+    return save_labelled_grid(path, images, prompts, args.grid_columns), prompts
+
+
 def train(args, rank, world_size, device):
     is_main = rank == 0
     common.seed_everything(args.seed)
@@ -724,14 +881,8 @@ def train(args, rank, world_size, device):
         raise UserError(f"{args.outdir} already holds checkpoints: pass --resume to continue, or pick another --outdir")
 
     # data: the whole dataset as a tensor on the device, in [-1, 1]
-    data = common.load_mnist(args.dataset, args.data_dir, device)
-    train_x = data["x"] * 2 - 1  # (N, 1, 28, 28)
-    train_y = data["y"]  # (N,)
-    if args.limit_train_images:
-        train_x, train_y = train_x[:args.limit_train_images], train_y[:args.limit_train_images]
     global_batch = args.batch_size * world_size
-    if len(train_x) < global_batch:
-        raise UserError(f"{len(train_x)} training images are fewer than one batch ({global_batch})")
+    data, train_x, train_y = load_training_images(args, global_batch, device)
     steps_per_epoch = len(train_x) // global_batch  # the remainder of each shuffled epoch is dropped
 
     # captions: embedded once by the frozen encoder (cached), then only indexed
@@ -751,11 +902,7 @@ def train(args, rank, world_size, device):
     ema = common.EMA(model, args.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     process = common.make_process("gaussian", args.T, "cosine")
-    snr = process.snr()  # (T + 1,)
-    # Min-SNR-gamma (Hang et al. 2023, Eq. 9 and Sec. 3.4): the weight on the x0-error, min(SNR, gamma), divided
-    # by the factor that the eps-loss (SNR) or v-loss (SNR + 1) already puts on it
-    divisor = snr + 1 if args.prediction == "v" else snr
-    snr_weight = (snr.clamp(max=args.min_snr_gamma) / divisor).float().to(device) if args.min_snr_gamma else None
+    snr_weight = min_snr_weight(process, args.prediction, args.min_snr_gamma, device)
     network = torch.compile(model) if args.compile else model
     if dist.is_initialized():
         network = nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
@@ -770,20 +917,13 @@ def train(args, rank, world_size, device):
     meta = common.checkpoint_meta(SCRIPT, KIND, model_args=model_args, T=args.T, text_encoder=args.text_encoder,
                                   text_encoder_path=args.text_encoder_path, dataset=data["name"])
 
-    # progress; the LR schedule is a function of (step, total_steps) alone, so resuming needs no scheduler state
+    # progress, or the stopped run's
     generator = torch.Generator().manual_seed(args.seed)  # t, noise, caption dropout, template choice
     epoch_limit = args.epochs * steps_per_epoch if args.epochs else None
     step_limit = min(v for v in (epoch_limit, args.max_steps, 10**12) if v)
     progress = {"epoch": 0, "batch_index": 0, "step": 0, "elapsed": 0.0, "total_steps": step_limit}
     if existing:
-        state = common.load_checkpoint(existing[-1], script=SCRIPT, kinds={KIND})
-        for key in ("text_encoder", "channels", "prediction", "batch_size", "lr", "T", "min_snr_gamma", "seed",
-                    "dataset_used", "world_size"):
-            saved = state["config"].get(key, {"min_snr_gamma": 0.0, "prediction": "eps"}.get(key))  # older runs: eps MSE
-            if saved != config[key]:
-                raise UserError(f"{existing[-1]} was trained with {key}={saved!r}, not {config[key]!r}")
-        common.restore_training_state(state, existing[-1], model, ema, optimizer, generator)
-        progress = state["progress"]
+        progress = resume_from(existing[-1], config, model, ema, optimizer, generator)
         if is_main:
             print(f"resuming from {existing[-1]} at epoch {progress['epoch']}, step {progress['step']}")
     if is_main:
@@ -792,82 +932,22 @@ def train(args, rank, world_size, device):
                               resume=bool(existing)) if is_main else None
     if logger is not None and existing:
         logger.truncate_after(progress["step"])  # the steps after the checkpoint are logged again by this run
-
-    def learning_rate(step):
-        """Linear warm-up, then cosine decay to 0 at total_steps (Loshchilov & Hutter 2017)."""
-        if step < args.warmup_steps:
-            return args.lr * (step + 1) / args.warmup_steps
-        span = max(1, progress["total_steps"] - args.warmup_steps)
-        return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - args.warmup_steps) / span)))
-
-    def plan_total_steps(elapsed):
-        """With --max-minutes: the steps that fit in the budget at the training speed measured so far, capped
-        by --epochs/--max-steps; rank 0 decides for all ranks."""
-        if not args.max_minutes or progress["step"] < 20:
-            return progress["total_steps"]
-        fit = progress["step"] + int((args.max_minutes * 60 - elapsed) / (elapsed / progress["step"]))
-        planned = torch.tensor([max(progress["step"], min(fit, step_limit))])  # budget spent: stop now
-        if world_size > 1:
-            dist.broadcast(planned, 0)
-        return int(planned)
-
     last_checkpoint = existing[-1] if existing else "none"
 
-    def save_checkpoint(name, keep=True):
-        nonlocal last_checkpoint
+    def checkpoint(name, keep=True):   # rank 0 writes everything needed to resume
         if not is_main:
             return None
-        path = os.path.join(args.outdir, "checkpoints", name)
-        common.save_checkpoint(path, {**common.training_state(model, ema, optimizer, generator),
-                                      "progress": dict(progress), "config": config, "meta": meta})
-        old = [p for p in checkpoint_paths(args.outdir) if p != path]
-        for stale in old[:max(0, len(old) - (args.keep_checkpoints - 1))] if keep else []:
-            os.remove(stale)
-        last_checkpoint = path
-        return path
+        state = {**common.training_state(model, ema, optimizer, generator), "progress": dict(progress),
+                 "config": config, "meta": meta}
+        return save_training_checkpoint(args.outdir, name, state, args.keep_checkpoints, keep)
 
-    evaluator = None
-
-    def evaluate(count, full):
-        nonlocal evaluator
-        if evaluator is None:
-            clip_source = (args.text_encoder_path or CLIP_MODEL_ID) if args.clip_score else None
-            evaluator = Evaluator(data, args.data_dir, device, args.fid, clip_source, args.text_encoder,
-                                  args.text_encoder_path, args.data_dir)
-        return evaluator(ema.model, process, table, null_id, count, args.heldout_samples if full else 0,
-                         args.guidance_scale, args.sampler, args.sample_steps, args.seed + 1000, full=full,
-                         progress=full and not args.no_progress, interval=args.guidance_interval)
-
-    def sample_grid(name):
-        digits = torch.arange(10, device=device).repeat_interleave(args.grid_columns)
-        images = sample_images(ema.model, process, table, digits, null_id, args.guidance_scale, args.sampler,
-                               args.sample_steps, seed=args.seed, interval=args.guidance_interval)
-        prompts = [TRAIN_TEMPLATES[0].format(digit=d) for d in range(10)]
-        path = save_labelled_grid(os.path.join(args.outdir, "samples", name), images, prompts, args.grid_columns)
-        logger.log_image("samples/grid", path, caption=f"epoch {progress['epoch']}, rows: " + "; ".join(prompts),
-                         step=progress["step"])
-
+    evaluator = None   # built at the first evaluation (it loads the classifier and the reference statistics)
     if args.clip_score and is_main:
         clip_scorer(args.text_encoder_path or CLIP_MODEL_ID, "cpu")  # fail now, not after training
 
-    stop_seen = None
-
-    def stopped(stop):
-        """SIGTERM/SIGUSR1 seen by any rank (a collective per step only with several processes)."""
-        nonlocal stop_seen
-        if stop_seen is None:
-            if world_size == 1:
-                stop_seen = stop.received
-            else:
-                flag = torch.tensor([1.0 if stop.received else 0.0], device=device)
-                dist.all_reduce(flag)
-                stop_seen = (stop.received or "SIGTERM") if flag.item() > 0 else None
-        return stop_seen
-
-    # training loop: the MSE of v (or eps: Ho et al. 2020, Alg. 1) with caption dropout for CFG. The clock
-    # (progress["elapsed"], --max-minutes, images/s) counts training only: quick evaluations, grids and
-    # checkpoints are paused out of it
-    stop = common.StopSignal()
+    # training loop, with caption dropout for CFG. The clock (progress["elapsed"], --max-minutes, images/s)
+    # counts training only: quick evaluations, grids and checkpoints are paused out of it
+    stop, stop_seen = common.StopSignal(), None
     started = time.time() - progress["elapsed"]
     window_start, window_step = time.time(), progress["step"]
     last_loss, grad_norm = float("nan"), torch.zeros(())
@@ -879,37 +959,10 @@ def train(args, rank, world_size, device):
             bar = tqdm(range(progress["batch_index"], steps_per_epoch), desc=f"epoch {progress['epoch'] + 1}",
                        disable=args.no_progress or not is_main, mininterval=1.0, leave=False)
             for batch_index in bar:
-                # every rank draws the randomness of the whole global batch and keeps its slice: ranks see
-                # different images and noise, and the update equals one process at batch world_size * B
-                index = order[batch_index * global_batch:(batch_index + 1) * global_batch]
-                t = torch.randint(1, args.T + 1, (global_batch,), generator=generator)  # (G,)
-                noise = torch.randn(global_batch, 1, 28, 28, generator=generator)  # (G, 1, 28, 28)
-                template = torch.randint(0, len(TRAIN_TEMPLATES), (global_batch,), generator=generator)
-                dropped = torch.rand(global_batch, generator=generator) < args.cond_drop
-                mine = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
-                x0, labels = train_x[index[mine]], train_y[index[mine]]
-                t, noise = t[mine].to(device), noise[mine].to(device)
-                caption_ids = torch.where(dropped[mine].to(device), null_id, labels + 10 * template[mine].to(device))
-                x_t = common.q_sample(process, x0, t, noise)
-                if args.channels_last:
-                    x_t = x_t.contiguous(memory_format=torch.channels_last)
-                target = training_target(args.prediction, x0, noise, common.at_timestep(process.a, t, x0),
-                                         common.at_timestep(process.b, t, x0))  # (B, 1, 28, 28)
-                with common.autocast(device, not args.no_amp):
-                    output = network(x_t, t, caption_ids, table).float()
-                if args.min_snr_gamma:
-                    per_image = (output - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
-                    loss = (per_image * snr_weight[t]).mean()
-                else:
-                    loss = F.mse_loss(output, target)
-                last_loss = common.finite_loss(loss, f"step {progress['step']}", last_checkpoint)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(progress["step"])
-                optimizer.step()
-                ema.update(model)
+                batch = draw_batch(generator, args, order, batch_index, global_batch, rank, train_x, train_y, null_id, device)
+                lr = learning_rate(progress["step"], args.lr, args.warmup_steps, progress["total_steps"])
+                last_loss, grad_norm = train_step(network, model, ema, optimizer, process, table, batch, args, lr,
+                                                  snr_weight, f"step {progress['step']}", last_checkpoint)
                 progress["step"] += 1
                 progress["batch_index"] = batch_index + 1
                 step = progress["step"]
@@ -917,37 +970,31 @@ def train(args, rank, world_size, device):
                 if step % args.log_every == 0 or step == progress["total_steps"]:
                     now = time.time()
                     progress["elapsed"] = now - started
-                    progress["total_steps"] = plan_total_steps(progress["elapsed"])
+                    progress["total_steps"] = plan_total_steps(progress, args.max_minutes, step_limit, world_size)
                     if is_main:
                         rate = (step - window_step) / max(now - window_start, 1e-9)
-                        record = {"train/loss": last_loss, "train/learning_rate": learning_rate(step - 1),
-                                  "train/grad_norm": float(grad_norm), "system/steps_per_second": rate,
-                                  "system/images_per_second": rate * global_batch,
-                                  "progress/epoch": progress["epoch"] + progress["batch_index"] / steps_per_epoch,
-                                  "progress/steps_completed": step,
-                                  "progress/steps_remaining": progress["total_steps"] - step,
-                                  "progress/percent_complete": 100 * step / progress["total_steps"]}
-                        if device.type == "cuda":
-                            record["system/gpu_memory_allocated_gb"] = torch.cuda.memory_allocated(device) / 2**30
-                            record["system/gpu_memory_reserved_gb"] = torch.cuda.memory_reserved(device) / 2**30
-                        logger.log(record, step=step)
+                        logger.log(progress_record(progress, args, last_loss, grad_norm, rate, global_batch,
+                                                   steps_per_epoch, device), step=step)
                     window_start, window_step = time.time(), step
                 if args.eval_every and step % args.eval_every == 0 and args.eval_samples and is_main:
                     paused = time.time()
-                    metrics, _ = evaluate(args.eval_samples, full=False)
+                    evaluator = evaluator or make_evaluator(args, data, device)
+                    metrics, _ = evaluate_ema(evaluator, ema, process, table, null_id, args, args.eval_samples, full=False)
                     logger.log({"eval/prompt_accuracy": metrics["prompt_accuracy"], "eval/fid": metrics["fid"],
                                 "eval/fid_floor": metrics["fid_floor"]}, step=step)
                     print(f"step {step}: prompt accuracy {metrics['prompt_accuracy']:.1%}, {metrics['fid_kind']} FID "
                           f"{metrics['fid']:.2f} (floor {metrics['fid_floor']:.2f}, {metrics['samples']} samples), "
                           f"loss {last_loss:.4f}", flush=True)
                     started, window_start = (clock + time.time() - paused for clock in (started, window_start))
-                if stopped(stop) or step >= progress["total_steps"]:
+                stop_seen = stop_seen or stop_requested(stop, world_size, device)
+                if stop_seen or step >= progress["total_steps"]:
                     break
             progress["elapsed"] = time.time() - started
-            if stopped(stop):
-                path = save_checkpoint(f"ckpt-{progress['step']:08d}.pt")
+            stop_seen = stop_seen or stop_requested(stop, world_size, device)
+            if stop_seen:
+                path = checkpoint(f"ckpt-{progress['step']:08d}.pt")
                 if is_main:
-                    print(f"{stopped(stop)} received: saved {path} at step {progress['step']}; rerun with --resume")
+                    print(f"{stop_seen} received: saved {path} at step {progress['step']}; rerun with --resume")
                     logger.finish()
                 return None
             if progress["batch_index"] >= steps_per_epoch:
@@ -957,8 +1004,11 @@ def train(args, rank, world_size, device):
                     print(f"epoch {progress['epoch']}: step {progress['step']}, loss {last_loss:.4f}, "
                           f"{progress['elapsed']:.0f} s", flush=True)
                     if args.grid_columns:
-                        sample_grid(f"epoch-{progress['epoch']:03d}.png")
-                save_checkpoint(f"ckpt-{progress['step']:08d}.pt")
+                        path, prompts = save_sample_grid(os.path.join(args.outdir, "samples", f"epoch-{progress['epoch']:03d}.png"),
+                                                         ema, process, table, null_id, args, device)
+                        logger.log_image("samples/grid", path, step=progress["step"],
+                                         caption=f"epoch {progress['epoch']}, rows: " + "; ".join(prompts))
+                last_checkpoint = checkpoint(f"ckpt-{progress['step']:08d}.pt") or last_checkpoint
                 started, window_start = (clock + time.time() - paused for clock in (started, window_start))
     finally:
         stop.close()
@@ -967,16 +1017,20 @@ def train(args, rank, world_size, device):
         return None
 
     # final checkpoint and evaluation of the EMA model, everything beside its real-data reference
-    final_path = save_checkpoint("final.pt", keep=False)
+    final_path = checkpoint("final.pt", keep=False)
     print(f"trained {progress['step']} steps in {train_seconds:.0f} s; saved {final_path}")
     if args.grid_columns:
-        sample_grid("final.png")
+        path, prompts = save_sample_grid(os.path.join(args.outdir, "samples", "final.png"), ema, process, table,
+                                         null_id, args, device)
+        logger.log_image("samples/grid", path, step=progress["step"],
+                         caption=f"epoch {progress['epoch']}, rows: " + "; ".join(prompts))
     results = {"dataset": data["name"], "train_size": len(train_x), "steps": progress["step"],
                "epochs": progress["epoch"] + progress["batch_index"] / steps_per_epoch, "train_seconds": train_seconds,
                "images_per_second": progress["step"] * global_batch / max(train_seconds, 1e-9),
                "parameters": parameters, "text_encoder": args.text_encoder, "checkpoint": final_path}
     if args.final_samples:
-        metrics, images = evaluate(args.final_samples, full=True)
+        evaluator = evaluator or make_evaluator(args, data, device)
+        metrics, images = evaluate_ema(evaluator, ema, process, table, null_id, args, args.final_samples, full=True)
         results.update(metrics)
         report(results)
     common.write_json(os.path.join(args.outdir, "results.json"), results)
@@ -984,6 +1038,13 @@ def train(args, rank, world_size, device):
     logger.finish({k: v for k, v in results.items() if isinstance(v, (int, float, str))})
     print(f"wrote {os.path.join(args.outdir, 'results.json')}")
     return results
+
+
+def make_evaluator(args, data, device):
+    """The Evaluator of this run's settings (the classifier or Inception features, the references, CLIP)."""
+    clip_source = (args.text_encoder_path or CLIP_MODEL_ID) if args.clip_score else None
+    return Evaluator(data, args.data_dir, device, args.fid, clip_source, args.text_encoder, args.text_encoder_path,
+                     args.data_dir)
 
 
 def report(results):

@@ -962,73 +962,131 @@ def save_statistics_figure(path, scoring, samples, title):
 # ----------------------------------------------------------------------------------------------
 # configuration: flags, optionally from a JSON experiment file whose keys are the flags' names
 
+def denoising_loss(model, u, noise, sigmas, sigma_data, args, generator):
+    """The training loss of a batch u (B, 2, n, n): random flips (--augment), sigma from training_sigmas, z ~ the
+    noise, then |n_theta(u + sigma z, sigma) - z|^2 per function (sigma^2-weighted score matching: Song & Ermon
+    2019, Eq. 2, lambda = sigma^2), times EDM's weight with --precondition edm (loss_weights)."""
+    count, device = len(u), u.device
+    if args.augment:
+        flips = torch.rand(count, 2, generator=generator).to(device) < 0.5
+        u = torch.where(flips[:, 0, None, None, None], u.flip(-1), u)
+        u = torch.where(flips[:, 1, None, None, None], u.flip(-2), u)
+    sigma = training_sigmas(args, sigmas, count, generator).float().to(device)            # (B,)
+    z = noise.draw(count, generator)                                                       # (B, 2, n, n)
+    predicted = model(u + sigma.view(-1, 1, 1, 1) * z, sigma)                              # (B, 2, n, n)
+    if args.precondition == "edm":
+        return (loss_weights(args, sigma, sigma_data) * (predicted - z).pow(2).mean((1, 2, 3))).mean()
+    return F.mse_loss(predicted, z)
+
+
+def save_setup_pictures(run_dir, noise, u, args):
+    """noise/*.png (the noise and its covariance) and u_noised.png: one training function u (1, 2, n, n) plus
+    noise at 8 of the levels."""
+    picture_generator = torch.Generator().manual_seed(args.seed + 2)
+    save_noise_pictures(run_dir, noise, picture_generator)
+    shown = geometric_sigmas(args.sigma_1, args.sigma_L, 8)
+    noised = (u.expand(8, -1, -1, -1) + shown.float().view(-1, 1, 1, 1).to(u.device) * noise.draw(8, picture_generator)).cpu()
+    save_phase_grid(os.path.join(run_dir, "u_noised.png"), noised, [f"u + {s:.3g} z" for s in shown.tolist()])
+
+
+def record_metrics(ema, noise, sigmas, scoring, data, args, run_dir, epoch, device):
+    """Sample --Ntest functions from the EMA model and score them; samples/<epoch>.png, stats/<epoch>.png and
+    two console lines. Returns (metrics, network evaluations per sample, sampling seconds)."""
+    batch_size = sampling_batch_size(args.val_batch_size, device, noise.n)
+    samples, evaluations, seconds = generate_functions(ema.model, noise, sigmas, args.Ntest, args.sampler,
+                                                       sampler_options(args), batch_size, args.seed + 1, device)
+    metrics = score(samples, scoring)
+    save_real_beside_generated(os.path.join(run_dir, "samples", f"{epoch}.png"), data["held_out"][:8], samples[:16])
+    save_statistics_figure(os.path.join(run_dir, "stats", f"{epoch}.png"), scoring, samples,
+                           f"epoch {epoch}: worst metric/floor {metrics['worst_ratio']:.2f} ({metrics['worst_metric']})")
+    lines = score_lines(metrics, scoring)
+    print(f"epoch {epoch} ({args.sampler}, {evaluations} evaluations, {seconds:.0f} s): {lines[0]}\n  {lines[1]}")
+    return metrics, evaluations, seconds
+
+
+def keep_best(metrics, best, ema, epoch, run_dir, extra):
+    """model.<metric>.pt (EMA weights) for every checkpoint metric that improved on best (updated in place)."""
+    for key in CHECKPOINT_METRICS:
+        if metrics[key] < best[key]:
+            best[key] = metrics[key]
+            common.save_checkpoint(os.path.join(run_dir, f"model.{key}.pt"),
+                                   {"ema": ema.state_dict(), "epoch": epoch, "metrics": metrics, **extra})
+
+
 def build_parser():
     parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
-    add("--config", default=None, help="JSON experiment file (json/rbf.json, ...): keys are flag names; flags override it")
-    add("--outdir", default=None, help="run directory (default: $SAVEDIR/<run id>/<experiment name>, SAVEDIR=runs)")
-    add("--run-id", default=None, help="run id in the $SAVEDIR layout (default: $SLURM_JOB_ID, else the start time)")
-    add("--exp-name", default=None, help="experiment name in the $SAVEDIR layout (default: the --config file's name)")
-    add("--dataset", choices=DATASETS, default="synthetic-volcano",
-        help="synthetic-volcano (generated, cached), volcano ($DATA_DIR/**/*.int), grf (a known Gaussian random field)")
-    add("--data-dir", default="./data", help="cache of generated data; the volcano files when $DATA_DIR is unset")
-    add("--n-functions", type=common.positive_int, default=4096, help="functions generated (synthetic-volcano, grf)")
-    add("--resolution", type=common.positive_int, default=64, help="grid size the data are resized to (px)")
-    add("--crop", type=int, default=0, help="pixels cut from the bottom and right after resizing (the reference: 8)")
-    add("--val-size", type=float, default=0.1, help="held-out share (fixed split)")
-    add("--noise", choices=("white", "rbf"), default="rbf", help="white noise, or a Gaussian random field (--kernel)")
-    add("--kernel", choices=("se", "exponential"), default="se",
-        help="se: exp(-d^2/(2 l^2)); exponential: exp(-d/(2 l^2)), the reference's 'RBF'")
-    add("--rbf-scale", type=common.positive_float, default=0.05, help="kernel length l on [0,1)")
-    add("--rbf-eps", type=common.nonnegative_float, default=0.01, help="nugget: eps^2 I added to the covariance")
-    add("--sigma-1", type=common.positive_float, default=30.0, help="largest noise level")
-    add("--sigma-L", type=common.positive_float, default=0.01, help="smallest noise level")
-    add("--L", type=common.positive_int, default=500, help="noise levels (geometric) for training and Langevin")
-    add("--T", type=common.positive_int, default=3, help="Langevin steps per level (--sampler langevin)")
-    add("--epsilon", type=common.positive_float, default=6e-6, help="Langevin step: alpha_i = epsilon sigma_i^2 / sigma_L^2")
-    add("--sampler", choices=sorted(SAMPLERS), default="heun",
-        help="heun: probability-flow ODE, 2*steps-1 evaluations; langevin: the reference's, L*T evaluations")
-    add("--steps", type=common.positive_int, default=25, help="Heun steps (--sampler heun)")
-    add("--churn", type=common.nonnegative_float, default=0.0,
-        help="Heun stochastic churn (Karras et al. S_churn; 0 = the deterministic probability-flow ODE, best of 0/1 "
-             "on a validation seed of the EDM model; the old noise-predicting model needed 3)")
-    add("--width", type=common.positive_int, default=16, help="FNO channels")
-    add("--modes", type=common.positive_int, default=12, help="Fourier modes kept per axis")
-    add("--layers", type=common.positive_int, default=4, help="FNO blocks (--levels 1)")
-    add("--levels", type=common.positive_int, default=1,
-        help="1: a plain FNO of --layers blocks; > 1: a U-shaped operator with that many grids, each twice as "
-             "coarse with twice the channels (--width at the finest), a 3x3 path in every block")
-    add("--local-conv", action=argparse.BooleanOptionalAction, default=False,
-        help="a 3x3 convolution beside the spectral one in every block (footprint fixed in domain units)")
-    add("--precondition", choices=("none", "edm"), default="edm",
-        help="none: the network predicts the noise, loss |n - z|^2; edm: Karras et al.'s c_skip/c_out/c_in "
-             "parametrisation and loss weight (1 + sigma^2 / sigma_data^2)")
-    add("--no-sigma-embedding", action="store_true",
-        help="ablation, the reference's design: no sigma input; the score is the output divided by sigma")
-    add("--sigma-sampling", choices=("levels", "lognormal"), default="lognormal",
-        help="training noise levels: levels = uniform over the L geometric levels (the reference's); lognormal = "
-             "ln sigma ~ N(--sigma-mean, --sigma-std^2) clipped to [sigma_L, sigma_1] (Karras et al. 2022)")
-    add("--sigma-mean", type=float, default=-0.5, help="mean of ln sigma (--sigma-sampling lognormal)")
-    add("--sigma-std", type=common.positive_float, default=1.5, help="std of ln sigma (--sigma-sampling lognormal)")
-    add("--epochs", type=common.positive_int, default=24,
-        help="passes over the training functions (24: about 10 min of training on 2 CPU cores)")
-    add("--max-minutes", type=common.positive_float, default=None,
-        help="stop training after this much training time (for equal-time comparisons)")
-    add("--batch-size", type=common.positive_int, default=16, help="training batch size")
-    add("--lr", type=common.positive_float, default=1e-3, help="Adam learning rate")
-    add("--ema-decay", type=float, default=0.999, help="EMA decay of the weights (with warm-up)")
-    add("--augment", action=argparse.BooleanOptionalAction, default=True, help="random horizontal/vertical flips")
-    add("--record-interval", type=common.positive_int, default=8, help="epochs between sample metrics (and at the end)")
-    add("--Ntest", type=common.positive_int, default=256, help="samples for the metrics")
-    add("--val-batch-size", type=common.positive_int, default=None,
-        help=VAL_BATCH_HELP)
-    add("--seed", type=int, default=0, help="random seed (same seed on CPU -> same numbers)")
-    add("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    add("--threads", type=common.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    add("--resume", action="store_true", help="continue the run in the run directory from its model.pt")
-    add("--log-every", type=common.positive_int, default=50, help="steps between metrics.jsonl lines")
-    add("--wandb", choices=("off", "offline", "online"), default="off", help="Weights & Biases mode")
-    add("--no-progress", action="store_true", help="no tqdm bars (batch jobs)")
+    experiment = parser.add_argument_group("experiment").add_argument
+    experiment("--config", default=None, help="JSON experiment file (json/rbf.json, ...): keys are flag names; flags override it")
+    experiment("--outdir", default=None, help="run directory (default: $SAVEDIR/<run id>/<experiment name>, SAVEDIR=runs)")
+    experiment("--run-id", default=None, help="run id in the $SAVEDIR layout (default: $SLURM_JOB_ID, else the start time)")
+    experiment("--exp-name", default=None, help="experiment name in the $SAVEDIR layout (default: the --config file's name)")
+    data = parser.add_argument_group("data").add_argument
+    data("--dataset", choices=DATASETS, default="synthetic-volcano",
+         help="synthetic-volcano (generated, cached), volcano ($DATA_DIR/**/*.int), grf (a known Gaussian random field)")
+    data("--data-dir", default="./data", help="cache of generated data; the volcano files when $DATA_DIR is unset")
+    data("--n-functions", type=common.positive_int, default=4096, help="functions generated (synthetic-volcano, grf)")
+    data("--resolution", type=common.positive_int, default=64, help="grid size the data are resized to (px)")
+    data("--crop", type=int, default=0, help="pixels cut from the bottom and right after resizing (the reference: 8)")
+    data("--val-size", type=float, default=0.1, help="held-out share (fixed split)")
+    noise = parser.add_argument_group("noise").add_argument
+    noise("--noise", choices=("white", "rbf"), default="rbf", help="white noise, or a Gaussian random field (--kernel)")
+    noise("--kernel", choices=("se", "exponential"), default="se",
+          help="se: exp(-d^2/(2 l^2)); exponential: exp(-d/(2 l^2)), the reference's 'RBF'")
+    noise("--rbf-scale", type=common.positive_float, default=0.05, help="kernel length l on [0,1)")
+    noise("--rbf-eps", type=common.nonnegative_float, default=0.01, help="nugget: eps^2 I added to the covariance")
+    noise("--sigma-1", type=common.positive_float, default=30.0, help="largest noise level")
+    noise("--sigma-L", type=common.positive_float, default=0.01, help="smallest noise level")
+    noise("--L", type=common.positive_int, default=500, help="noise levels (geometric) for training and Langevin")
+    model = parser.add_argument_group("model").add_argument
+    model("--width", type=common.positive_int, default=16, help="FNO channels")
+    model("--modes", type=common.positive_int, default=12, help="Fourier modes kept per axis")
+    model("--layers", type=common.positive_int, default=4, help="FNO blocks (--levels 1)")
+    model("--levels", type=common.positive_int, default=1,
+          help="1: a plain FNO of --layers blocks; > 1: a U-shaped operator with that many grids, each twice as "
+               "coarse with twice the channels (--width at the finest), a 3x3 path in every block")
+    model("--local-conv", action=argparse.BooleanOptionalAction, default=False,
+          help="a 3x3 convolution beside the spectral one in every block (footprint fixed in domain units)")
+    model("--precondition", choices=("none", "edm"), default="edm",
+          help="none: the network predicts the noise, loss |n - z|^2; edm: Karras et al.'s c_skip/c_out/c_in "
+               "parametrisation and loss weight (1 + sigma^2 / sigma_data^2)")
+    model("--no-sigma-embedding", action="store_true",
+          help="ablation, the reference's design: no sigma input; the score is the output divided by sigma")
+    training = parser.add_argument_group("training").add_argument
+    training("--sigma-sampling", choices=("levels", "lognormal"), default="lognormal",
+             help="training noise levels: levels = uniform over the L geometric levels (the reference's); lognormal = "
+                  "ln sigma ~ N(--sigma-mean, --sigma-std^2) clipped to [sigma_L, sigma_1] (Karras et al. 2022)")
+    training("--sigma-mean", type=float, default=-0.5, help="mean of ln sigma (--sigma-sampling lognormal)")
+    training("--sigma-std", type=common.positive_float, default=1.5, help="std of ln sigma (--sigma-sampling lognormal)")
+    training("--epochs", type=common.positive_int, default=24,
+             help="passes over the training functions (24: about 10 min of training on 2 CPU cores)")
+    training("--max-minutes", type=common.positive_float, default=None,
+             help="stop training after this much training time (for equal-time comparisons)")
+    training("--batch-size", type=common.positive_int, default=16, help="training batch size")
+    training("--lr", type=common.positive_float, default=1e-3, help="Adam learning rate")
+    training("--ema-decay", type=float, default=0.999, help="EMA decay of the weights (with warm-up)")
+    training("--augment", action=argparse.BooleanOptionalAction, default=True, help="random horizontal/vertical flips")
+    training("--seed", type=int, default=0, help="random seed (same seed on CPU -> same numbers)")
+    sampling = parser.add_argument_group("sampling").add_argument
+    sampling("--sampler", choices=sorted(SAMPLERS), default="heun",
+             help="heun: probability-flow ODE, 2*steps-1 evaluations; langevin: the reference's, L*T evaluations")
+    sampling("--steps", type=common.positive_int, default=25, help="Heun steps (--sampler heun)")
+    sampling("--churn", type=common.nonnegative_float, default=0.0,
+             help="Heun stochastic churn (Karras et al. S_churn; 0 = the deterministic probability-flow ODE, best of 0/1 "
+                  "on a validation seed of the EDM model; the old noise-predicting model needed 3)")
+    sampling("--T", type=common.positive_int, default=3, help="Langevin steps per level (--sampler langevin)")
+    sampling("--epsilon", type=common.positive_float, default=6e-6, help="Langevin step: alpha_i = epsilon sigma_i^2 / sigma_L^2")
+    evaluation = parser.add_argument_group("evaluation").add_argument
+    evaluation("--record-interval", type=common.positive_int, default=8, help="epochs between sample metrics (and at the end)")
+    evaluation("--Ntest", type=common.positive_int, default=256, help="samples for the metrics")
+    evaluation("--val-batch-size", type=common.positive_int, default=None,
+               help=VAL_BATCH_HELP)
+    system = parser.add_argument_group("system").add_argument
+    system("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    system("--threads", type=common.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    system("--resume", action="store_true", help="continue the run in the run directory from its model.pt")
+    system("--log-every", type=common.positive_int, default=50, help="steps between metrics.jsonl lines")
+    system("--wandb", choices=("off", "offline", "online"), default="off", help="Weights & Biases mode")
+    system("--no-progress", action="store_true", help="no tqdm bars (batch jobs)")
     return parser
 
 
@@ -1146,12 +1204,7 @@ def main(argv=None):
     if args.resume:
         logger.truncate_after(step)  # the steps after the checkpoint are logged again by this run
     if not args.resume:
-        picture_generator = torch.Generator().manual_seed(args.seed + 2)
-        save_noise_pictures(run_dir, noise, picture_generator)
-        shown = geometric_sigmas(args.sigma_1, args.sigma_L, 8)
-        u = train[:1].expand(8, -1, -1, -1)
-        noised = (u + shown.float().view(-1, 1, 1, 1).to(device) * noise.draw(8, picture_generator)).cpu()
-        save_phase_grid(os.path.join(run_dir, "u_noised.png"), noised, [f"u + {s:.3g} z" for s in shown.tolist()])
+        save_setup_pictures(run_dir, noise, train[:1], args)
 
     def save(path):
         common.save_checkpoint(path, {**common.training_state(model, ema, optimizer, generator),
@@ -1159,27 +1212,13 @@ def main(argv=None):
                                       "best": best, "config": config, "meta": meta})
 
     def record():
-        """Sample --Ntest functions from the EMA model, score them, keep model.<metric>.pt for each best."""
-        batch_size = sampling_batch_size(args.val_batch_size, device, size)
-        samples, evaluations, seconds = generate_functions(ema.model, noise, sigmas, args.Ntest, args.sampler,
-                                                           sampler_options(args), batch_size, args.seed + 1, device)
-        metrics = score(samples, scoring)
-        save_real_beside_generated(os.path.join(run_dir, "samples", f"{epoch}.png"), data["held_out"][:8], samples[:16])
-        save_statistics_figure(os.path.join(run_dir, "stats", f"{epoch}.png"), scoring, samples,
-                               f"epoch {epoch}: worst metric/floor {metrics['worst_ratio']:.2f} ({metrics['worst_metric']})")
-        for key in CHECKPOINT_METRICS:
-            if metrics[key] < best[key]:
-                best[key] = metrics[key]
-                common.save_checkpoint(os.path.join(run_dir, f"model.{key}.pt"),
-                                       {"ema": ema.state_dict(), "epoch": epoch, "metrics": metrics, "config": config, "meta": meta})
+        metrics, evaluations, seconds = record_metrics(ema, noise, sigmas, scoring, data, args, run_dir, epoch, device)
+        keep_best(metrics, best, ema, epoch, run_dir, {"config": config, "meta": meta})
         logger.log({**{f"val/{key}": value for key, value in metrics.items() if key != "worst_metric"},
                     "val/sampling_s": seconds, "val/evaluations": evaluations, "progress/epoch": epoch}, step=step)
-        lines = score_lines(metrics, scoring)
-        print(f"epoch {epoch} ({args.sampler}, {evaluations} evaluations, {seconds:.0f} s): {lines[0]}\n  {lines[1]}")
         return metrics, evaluations, seconds
 
-    # training loop: sigma^2-weighted denoising score matching (Song & Ermon 2019, Eq. 2, lambda = sigma^2):
-    # sigma^2 |s(x, sigma) + z / sigma|^2 = |n_theta(u + sigma z, sigma) - z|^2, sigma uniform over the L levels
+    # training loop: denoising score matching (Song & Ermon 2019, Eq. 2), with EDM's weight by default (loss_weights)
     stop = common.StopSignal()
     started = time.time() - elapsed
     window_start, window_step = time.time(), step
@@ -1192,18 +1231,7 @@ def main(argv=None):
                        disable=args.no_progress, mininterval=1.0, leave=False)
             for batch_index in bar:
                 u = train[order[batch_index * args.batch_size:(batch_index + 1) * args.batch_size]]   # (B, 2, n, n)
-                count = len(u)
-                if args.augment:
-                    flips = torch.rand(count, 2, generator=generator).to(device) < 0.5
-                    u = torch.where(flips[:, 0, None, None, None], u.flip(-1), u)
-                    u = torch.where(flips[:, 1, None, None, None], u.flip(-2), u)
-                sigma = training_sigmas(args, sigmas, count, generator).float().to(device)            # (B,)
-                z = noise.draw(count, generator)                                                       # (B, 2, n, n)
-                predicted = model(u + sigma.view(-1, 1, 1, 1) * z, sigma)                              # (B, 2, n, n)
-                if args.precondition == "edm":
-                    loss = (loss_weights(args, sigma, sigma_data) * (predicted - z).pow(2).mean((1, 2, 3))).mean()
-                else:
-                    loss = F.mse_loss(predicted, z)
+                loss = denoising_loss(model, u, noise, sigmas, sigma_data, args, generator)
                 last_loss = common.finite_loss(loss, f"step {step}", checkpoint_path)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

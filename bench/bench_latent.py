@@ -62,6 +62,92 @@ def read_json(path):
         return json.load(file)
 
 
+def bench_latent_config(config, epochs, extra, args, outdir, ae_path, autoencoder, splits, classifier, common_flags,
+                        report):
+    """One latent-model configuration on the conv AE, run as a user would: its FDs beside their references, the
+    same checkpoint with 1000-step DDPM, and (unless --skip-digit) the --only-digit run. With the default
+    configuration, also the pipeline's time into report."""
+    latent_flags = ["--ae-ckpt", ae_path, "--outdir", outdir, "--epochs", str(epochs),
+                    "--eval-samples", str(args.eval_samples), "--cache-dir", "", *extra, *common_flags]
+    name = f"latent-dall-{config}"
+    wall = timed_run(["latent_diffusion.py", *latent_flags, "--run-name", name], os.path.join(outdir, f"{name}.log"),
+                     os.path.join(outdir, name))
+    results = read_json(os.path.join(outdir, name, "results.json"))
+    evaluation = results["evaluation"]
+    latent = {"flags": " ".join([f"--epochs {epochs}", *extra]), "epochs": epochs, "train_s": results["train_time_s"],
+              "wall_s": wall, "count": evaluation["count"], "test_reference_count": evaluation["test_reference_count"],
+              "fd_samples_dpmpp20": evaluation["samples"]["fd"], "sampling_s_dpmpp20": evaluation["samples"]["sampling_s"],
+              "fd_decoded_train": evaluation["decoded_train_latents"]["fd"],
+              "fd_real_train": evaluation["real_train_images"]["fd"],
+              "fd_ratio_dpmpp20": evaluation["fd_ratio_samples_to_decoded_train"],
+              "ae_ceiling": evaluation["ae_ceiling"],
+              "class_distribution_samples": evaluation["samples"]["class_distribution"]}
+    if config == "default":
+        report["pipeline_wall_s"] = report["ae_conv"]["wall_s"] + report["ae_mlp"]["wall_s"] + wall
+        report["pipeline_train_s"] = report["ae_conv"]["train_s"] + report["ae_mlp"]["train_s"] + results["train_time_s"]
+
+    # 1000-step DDPM on the same checkpoint, the same N and the same references
+    model, process, stats, _ = latent_diffusion.load_denoiser(os.path.join(outdir, name, "checkpoints", "last.pt"), "cpu")
+    ddpm = latent_diffusion.evaluate_samples(model, process, autoencoder, stats, splits, classifier, None,
+                                             args.eval_samples, "ddpm", 1000, 42, "cpu")
+    latent.update({"fd_samples_ddpm1000": ddpm["samples"]["fd"], "sampling_s_ddpm1000": ddpm["samples"]["sampling_s"],
+                   "fd_ratio_ddpm1000": ddpm["fd_ratio_samples_to_decoded_train"],
+                   "dpmpp20_vs_ddpm1000": (latent_diffusion.fd_ratio(latent["fd_samples_dpmpp20"], ddpm["samples"]["fd"])
+                                           or float("nan")) - 1})
+
+    # one digit
+    if not args.skip_digit:
+        name = f"latent-d{args.digit}-{config}"
+        wall = timed_run(["latent_diffusion.py", *latent_flags, "--only-digit", str(args.digit), "--run-name", name],
+                         os.path.join(outdir, f"{name}.log"), os.path.join(outdir, name))
+        digit = read_json(os.path.join(outdir, name, "results.json"))["evaluation"]
+        latent["only_digit"] = {"digit": args.digit, "wall_s": wall, "count": digit["count"],
+                                "share_samples": digit["samples"]["digit_accuracy"],
+                                "share_decoded_train": digit["decoded_train_latents"]["digit_accuracy"],
+                                "share_real_train": digit["real_train_images"]["digit_accuracy"],
+                                "fd_ratio": digit["fd_ratio_samples_to_decoded_train"],
+                                "fd_samples": digit["samples"]["fd"], "fd_decoded_train": digit["decoded_train_latents"]["fd"],
+                                "fd_real_train": digit["real_train_images"]["fd"], "ae_ceiling": digit["ae_ceiling"]}
+    return latent
+
+
+def number(value):
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def verdict_rows(report, configs, digit_asked):
+    """(measurement, value, target, met) rows of the summary table."""
+    rows = [
+        ("conv AE test reconstruction MSE", f"{report['ae_conv']['test_mse']:.4f}", "<= 0.015", report["ae_conv"]["test_mse"] <= 0.015),
+        ("MLP AE test reconstruction MSE", f"{report['ae_mlp']['test_mse']:.4f}", "-", None),
+    ]
+    if "pipeline_wall_s" in report:  # the time target is on the default configuration
+        rows += [(f"both AEs + {report['latent_default']['epochs']}-epoch latent model (defaults), wall incl. evaluation",
+                  f"{report['pipeline_wall_s'] / 60:.1f} min", "<= 15 min", report["pipeline_wall_s"] <= 900),
+                 ("  the same, training only", f"{report['pipeline_train_s'] / 60:.1f} min", "<= 15 min",
+                  report["pipeline_train_s"] <= 900)]
+    for config, _, _ in configs:
+        latent = report[f"latent_{config}"]
+        ceiling_ok = latent["ae_ceiling"]["near_real_data"]
+        ratio = latent["fd_ratio_dpmpp20"]
+        rows += [
+            (f"[{latent['flags']}] FD(samples) / FD(decoded train latents), DPM-Solver++ 20, N = {latent['count']} "
+             f"(real train: {number(latent['fd_real_train'])})", f"{number(latent['fd_samples_dpmpp20'])} / "
+             f"{number(latent['fd_decoded_train'])} = {number(ratio)}", "<= 1.2, AE ceiling near real data",
+             ratio is not None and ratio <= 1.2 and ceiling_ok),
+            (f"[{latent['flags']}] the same with DDPM 1000", f"{number(latent['fd_samples_ddpm1000'])} / "
+             f"{number(latent['fd_decoded_train'])} = {number(latent['fd_ratio_ddpm1000'])}", "-", None),
+            (f"[{latent['flags']}] FD(samples, DPM-Solver++ 20) vs DDPM 1000", f"{latent['dpmpp20_vs_ddpm1000']:+.1%}",
+             "<= +10%", latent["dpmpp20_vs_ddpm1000"] <= 0.10),
+        ]
+        if "only_digit" in latent:
+            digit = latent["only_digit"]
+            rows.append((f"[{latent['flags']}] --only-digit {digit_asked}: samples classified as {digit_asked} "
+                         f"(decoded train {digit['share_decoded_train']:.1%}, real train {digit['share_real_train']:.1%})",
+                         f"{digit['share_samples']:.1%}", ">= 95%", digit["share_samples"] >= 0.95))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=("mnist", "mnist5k"), default="mnist", help="dataset to benchmark on")
@@ -114,82 +200,13 @@ def main():
     configs = [c for c in CONFIGS if c[0] in args.configs]
     splits = latent_diffusion.latent_splits(autoencoder, data, ae_path, "", None, "cpu")
     for config, epochs, extra in configs:
-        epochs = args.latent_epochs or epochs
-        latent_flags = ["--ae-ckpt", ae_path, "--outdir", outdir, "--epochs", str(epochs),
-                        "--eval-samples", str(args.eval_samples), "--cache-dir", "", *extra, *common_flags]
-        name = f"latent-dall-{config}"
-        wall = timed_run(["latent_diffusion.py", *latent_flags, "--run-name", name], os.path.join(outdir, f"{name}.log"),
-                         os.path.join(outdir, name))
-        results = read_json(os.path.join(outdir, name, "results.json"))
-        evaluation = results["evaluation"]
-        latent = {"flags": " ".join([f"--epochs {epochs}", *extra]), "epochs": epochs, "train_s": results["train_time_s"],
-                  "wall_s": wall, "count": evaluation["count"], "test_reference_count": evaluation["test_reference_count"],
-                  "fd_samples_dpmpp20": evaluation["samples"]["fd"], "sampling_s_dpmpp20": evaluation["samples"]["sampling_s"],
-                  "fd_decoded_train": evaluation["decoded_train_latents"]["fd"],
-                  "fd_real_train": evaluation["real_train_images"]["fd"],
-                  "fd_ratio_dpmpp20": evaluation["fd_ratio_samples_to_decoded_train"],
-                  "ae_ceiling": evaluation["ae_ceiling"],
-                  "class_distribution_samples": evaluation["samples"]["class_distribution"]}
-        if config == "default":
-            report["pipeline_wall_s"] = report["ae_conv"]["wall_s"] + report["ae_mlp"]["wall_s"] + wall
-            report["pipeline_train_s"] = report["ae_conv"]["train_s"] + report["ae_mlp"]["train_s"] + results["train_time_s"]
-
-        # 1000-step DDPM on the same checkpoint, the same N and the same references
-        model, process, stats, _ = latent_diffusion.load_denoiser(os.path.join(outdir, name, "checkpoints", "last.pt"), "cpu")
-        ddpm = latent_diffusion.evaluate_samples(model, process, autoencoder, stats, splits, classifier, None,
-                                                 args.eval_samples, "ddpm", 1000, 42, "cpu")
-        latent.update({"fd_samples_ddpm1000": ddpm["samples"]["fd"], "sampling_s_ddpm1000": ddpm["samples"]["sampling_s"],
-                       "fd_ratio_ddpm1000": ddpm["fd_ratio_samples_to_decoded_train"],
-                       "dpmpp20_vs_ddpm1000": (latent_diffusion.fd_ratio(latent["fd_samples_dpmpp20"], ddpm["samples"]["fd"])
-                                               or float("nan")) - 1})
-
-        # one digit
-        if not args.skip_digit:
-            name = f"latent-d{args.digit}-{config}"
-            wall = timed_run(["latent_diffusion.py", *latent_flags, "--only-digit", str(args.digit), "--run-name", name],
-                             os.path.join(outdir, f"{name}.log"), os.path.join(outdir, name))
-            digit = read_json(os.path.join(outdir, name, "results.json"))["evaluation"]
-            latent["only_digit"] = {"digit": args.digit, "wall_s": wall, "count": digit["count"],
-                                    "share_samples": digit["samples"]["digit_accuracy"],
-                                    "share_decoded_train": digit["decoded_train_latents"]["digit_accuracy"],
-                                    "share_real_train": digit["real_train_images"]["digit_accuracy"],
-                                    "fd_ratio": digit["fd_ratio_samples_to_decoded_train"],
-                                    "fd_samples": digit["samples"]["fd"], "fd_decoded_train": digit["decoded_train_latents"]["fd"],
-                                    "fd_real_train": digit["real_train_images"]["fd"], "ae_ceiling": digit["ae_ceiling"]}
-        report[f"latent_{config}"] = latent
-        print(f"latent ({config}): FD ratio {latent['fd_ratio_dpmpp20']:.2f}", flush=True)
+        report[f"latent_{config}"] = bench_latent_config(config, args.latent_epochs or epochs, extra, args, outdir,
+                                                         ae_path, autoencoder, splits, classifier, common_flags, report)
+        print(f"latent ({config}): FD ratio {report[f'latent_{config}']['fd_ratio_dpmpp20']:.2f}", flush=True)
 
     report["load_average_at_end"] = os.getloadavg()[0]  # other processes on the machine skew the timings
     common.write_json(os.path.join(outdir, "bench.json"), report)
-    rows = [
-        ("conv AE test reconstruction MSE", f"{report['ae_conv']['test_mse']:.4f}", "<= 0.015", report["ae_conv"]["test_mse"] <= 0.015),
-        ("MLP AE test reconstruction MSE", f"{report['ae_mlp']['test_mse']:.4f}", "-", None),
-    ]
-    if "pipeline_wall_s" in report:  # the time target is on the default configuration
-        rows += [(f"both AEs + {report['latent_default']['epochs']}-epoch latent model (defaults), wall incl. evaluation",
-                  f"{report['pipeline_wall_s'] / 60:.1f} min", "<= 15 min", report["pipeline_wall_s"] <= 900),
-                 ("  the same, training only", f"{report['pipeline_train_s'] / 60:.1f} min", "<= 15 min",
-                  report["pipeline_train_s"] <= 900)]
-    number = lambda value: "n/a" if value is None else f"{value:.2f}"
-    for config, _, _ in configs:
-        latent = report[f"latent_{config}"]
-        ceiling_ok = latent["ae_ceiling"]["near_real_data"]
-        ratio = latent["fd_ratio_dpmpp20"]
-        rows += [
-            (f"[{latent['flags']}] FD(samples) / FD(decoded train latents), DPM-Solver++ 20, N = {latent['count']} "
-             f"(real train: {number(latent['fd_real_train'])})", f"{number(latent['fd_samples_dpmpp20'])} / "
-             f"{number(latent['fd_decoded_train'])} = {number(ratio)}", "<= 1.2, AE ceiling near real data",
-             ratio is not None and ratio <= 1.2 and ceiling_ok),
-            (f"[{latent['flags']}] the same with DDPM 1000", f"{number(latent['fd_samples_ddpm1000'])} / "
-             f"{number(latent['fd_decoded_train'])} = {number(latent['fd_ratio_ddpm1000'])}", "-", None),
-            (f"[{latent['flags']}] FD(samples, DPM-Solver++ 20) vs DDPM 1000", f"{latent['dpmpp20_vs_ddpm1000']:+.1%}",
-             "<= +10%", latent["dpmpp20_vs_ddpm1000"] <= 0.10),
-        ]
-        if "only_digit" in latent:
-            digit = latent["only_digit"]
-            rows.append((f"[{latent['flags']}] --only-digit {args.digit}: samples classified as {args.digit} "
-                         f"(decoded train {digit['share_decoded_train']:.1%}, real train {digit['share_real_train']:.1%})",
-                         f"{digit['share_samples']:.1%}", ">= 95%", digit["share_samples"] >= 0.95))
+    rows = verdict_rows(report, configs, args.digit)
     print(f"\n{args.dataset}, {report['machine']}, {report['date']}, load average {report['load_average_at_start']:.1f} "
           f"at start, {report['load_average_at_end']:.1f} at end; {report['calibration']}")
     first = report[f"latent_{configs[0][0]}"]

@@ -26,12 +26,12 @@ from torch.distributions import Normal, kl_divergence
 
 import common
 from common import (
-    EMA, FiLM, ResBlock1d, UNet1d, UserError, cfg_denoiser, checkpoint_meta, convex_process,
-    cosine_alpha_bar, frechet_distance, gaussian_process, linear_beta_schedule, load_checkpoint,
-    load_mnist1d, load_model_state, make_process, pick_device, posterior, prior_kl, q_sample, rng_state,
-    run_main, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_3m, sampling_timesteps, save_checkpoint,
-    seed_everything, set_rng_state, timestep_embedding, vlb_terms, vlb_weights,
+    EMA, FiLM, UserError, cfg_denoiser, checkpoint_meta, convex_process, cosine_alpha_bar, frechet_distance,
+    gaussian_process, linear_beta_schedule, load_checkpoint, load_model_state, make_process, pick_device,
+    posterior, q_sample, rng_state, run_main, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_3m,
+    sampling_timesteps, save_checkpoint, seed_everything, set_rng_state, timestep_embedding,
 )
+from mnist1d_semi_implicit import ResBlock1d, UNet1d, load_mnist1d, prior_kl, vlb_terms, vlb_weights
 
 COSINE_S = 0.008  # Nichol & Dhariwal's offset
 

@@ -119,11 +119,11 @@ def test_sample_metrics_reports_an_incomputable_distance_instead_of_crashing(cla
     data = common.load_mnist("mnist5k")
     classifier = common.load_mnist_classifier(data, classifier_dir)
     reference, _ = common.classifier_outputs(classifier, data["x_test"])
-    one = common.sample_metrics(classifier, data["x"][:1], reference)
+    one = latent_diffusion.sample_metrics(classifier, data["x"][:1], reference)
     assert one["fd"] is None and "needs >= 2 samples" in one["fd_unavailable"]
-    broken = common.sample_metrics(classifier, torch.full((4, 1, 28, 28), float("nan")), reference)
+    broken = latent_diffusion.sample_metrics(classifier, torch.full((4, 1, 28, 28), float("nan")), reference)
     assert broken["fd"] is None and "non-finite" in broken["fd_unavailable"]
-    fine = common.sample_metrics(classifier, data["x"][:200], reference)
+    fine = latent_diffusion.sample_metrics(classifier, data["x"][:200], reference)
     assert "fd_unavailable" not in fine and fine["fd"] == pytest.approx(
         common.frechet_distance(common.classifier_outputs(classifier, data["x"][:200])[0].numpy(), reference.numpy()))
 

@@ -396,7 +396,7 @@ def test_linear_denoiser_is_the_least_squares_affine_fit_on_mnist1d(data_dir, no
     """Brute force on the real data: the best affine map x_t -> x0 fitted by least squares on the training
     signals (25 noise draws each) scores the same test MSE as the closed-form filter, never better by
     more than sampling error."""
-    data = common.load_mnist1d(data_dir)
+    data = m1d.load_mnist1d(data_dir)
     process = common.make_process(noise, 100, schedule)
     linear = m1d.LinearDenoiser(data["x"], process)
     gen = torch.Generator().manual_seed(4)
@@ -415,7 +415,7 @@ def test_linear_denoiser_is_the_least_squares_affine_fit_on_mnist1d(data_dir, no
 
 
 def test_mid_noise_band_is_where_the_linear_mse_is_between_the_bounds(data_dir):
-    data = common.load_mnist1d(data_dir)
+    data = m1d.load_mnist1d(data_dir)
     linear = m1d.LinearDenoiser(data["x"], common.make_process("gaussian", 1000))
     band = m1d.mid_noise_band(linear)
     expected = linear.expected_mse()
@@ -438,7 +438,7 @@ def test_sweep_reports_every_forward_mse_against_the_linear_denoiser_on_the_test
     exactly the stored numbers (it would be NaN, or different, if evaluation touched the training split)."""
     outdir, results = sweep
     baselines = results["baselines"]
-    data = common.load_mnist1d(data_dir)
+    data = m1d.load_mnist1d(data_dir)
     args = m1d.parse_args(["--outdir", outdir, *TINY])
     poisoned = {**data, "x": torch.full_like(data["x"], float("nan")), "y": torch.full_like(data["y"], 3)}
     assert baselines["predict_zero_mse"] == pytest.approx(data["x_test"].pow(2).mean().item())
