@@ -240,7 +240,7 @@ def parse_args(argv=None):
     model("--num-blocks", type=common.positive_int, default=4, help="FiLM residual blocks in the denoiser")
     training = parser.add_argument_group("training").add_argument
     training("--epochs", type=common.positive_int, default=125,
-             help="training epochs (125: about 8.5 minutes on a 2-core CPU, see the README)")
+             help="training epochs (125: about 8.5 minutes on a 2-core CPU, see docs/latent_diffusion.md)")
     training("--batch-size", type=common.positive_int, default=512,
              help="batch size (512: 2.3x the latents per second of 128 on a 2-core CPU)")
     training("--lr", type=common.positive_float, default=2e-3, help="peak Adam learning rate")

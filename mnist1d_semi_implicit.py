@@ -90,7 +90,7 @@ def load_mnist1d(data_dir, seed=42):
 
 # ----------------------------------------------------------------------------------------------
 # The prime inverse: one deterministic transform per digit (0, 1 and 9 fixed by the user).
-# x: (B, 40). The README has this table with invertibility.
+# x: (B, 40). docs/mnist1d.md has this table with invertibility.
 POSITION = torch.arange(40, dtype=torch.float32)
 PRIME_INVERSES = {
     0: ("-x", lambda x: -x),

@@ -41,7 +41,7 @@ from bench.calibration import calibration_line  # noqa: E402
 
 
 # latent-model configurations (name, epochs, extra flags): the script's defaults, the spec's original values
-# (which the defaults replaced, README) and the defaults' recipe trained four times longer
+# (which the defaults replaced, docs/latent_diffusion.md) and the defaults' recipe trained four times longer
 SPEC = ["--batch-size", "128", "--lr", "2e-4", "--lr-schedule", "constant"]
 CONFIGS = (("default", 125, []), ("spec", 20, SPEC), ("long", 500, []))
 
