@@ -863,13 +863,16 @@ def evaluate_ema(evaluator, ema, process, table, null_id, args, count, full):
                      progress=full and not args.no_progress, interval=args.guidance_interval)
 
 
-def save_sample_grid(path, ema, process, table, null_id, args, device):
-    """A labelled grid: one row per digit's first training prompt, --grid-columns samples each; its prompts."""
+def save_sample_grid(path, ema, process, table, null_id, args, device, logger, progress):
+    """A labelled grid, one row per digit's first training prompt with --grid-columns samples each, written to
+    path and logged at the current step."""
     digits = torch.arange(10, device=device).repeat_interleave(args.grid_columns)
     images = sample_images(ema.model, process, table, digits, null_id, args.guidance_scale, args.sampler,
                            args.sample_steps, seed=args.seed, interval=args.guidance_interval)
     prompts = [TRAIN_TEMPLATES[0].format(digit=d) for d in range(10)]
-    return save_labelled_grid(path, images, prompts, args.grid_columns), prompts
+    save_labelled_grid(path, images, prompts, args.grid_columns)
+    logger.log_image("samples/grid", path, caption=f"epoch {progress['epoch']}, rows: " + "; ".join(prompts),
+                     step=progress["step"])
 
 
 def train(args, rank, world_size, device):
@@ -1004,10 +1007,8 @@ def train(args, rank, world_size, device):
                     print(f"epoch {progress['epoch']}: step {progress['step']}, loss {last_loss:.4f}, "
                           f"{progress['elapsed']:.0f} s", flush=True)
                     if args.grid_columns:
-                        path, prompts = save_sample_grid(os.path.join(args.outdir, "samples", f"epoch-{progress['epoch']:03d}.png"),
-                                                         ema, process, table, null_id, args, device)
-                        logger.log_image("samples/grid", path, step=progress["step"],
-                                         caption=f"epoch {progress['epoch']}, rows: " + "; ".join(prompts))
+                        save_sample_grid(os.path.join(args.outdir, "samples", f"epoch-{progress['epoch']:03d}.png"),
+                                         ema, process, table, null_id, args, device, logger, progress)
                 last_checkpoint = checkpoint(f"ckpt-{progress['step']:08d}.pt") or last_checkpoint
                 started, window_start = (clock + time.time() - paused for clock in (started, window_start))
     finally:
@@ -1020,10 +1021,8 @@ def train(args, rank, world_size, device):
     final_path = checkpoint("final.pt", keep=False)
     print(f"trained {progress['step']} steps in {train_seconds:.0f} s; saved {final_path}")
     if args.grid_columns:
-        path, prompts = save_sample_grid(os.path.join(args.outdir, "samples", "final.png"), ema, process, table,
-                                         null_id, args, device)
-        logger.log_image("samples/grid", path, step=progress["step"],
-                         caption=f"epoch {progress['epoch']}, rows: " + "; ".join(prompts))
+        save_sample_grid(os.path.join(args.outdir, "samples", "final.png"), ema, process, table, null_id, args, device,
+                         logger, progress)
     results = {"dataset": data["name"], "train_size": len(train_x), "steps": progress["step"],
                "epochs": progress["epoch"] + progress["batch_index"] / steps_per_epoch, "train_seconds": train_seconds,
                "images_per_second": progress["step"] * global_batch / max(train_seconds, 1e-9),
