@@ -762,13 +762,15 @@ class RunLogger:
 
     mode: 'off' | 'offline' | 'online'. A W&B failure is reported once and the run continues. The W&B run id
     is kept in outdir/.wandb-<name>.id: a resumed run (resume=True, after a preemption or a SLURM requeue)
-    continues the same W&B run instead of opening a new one; a fresh run gets a new id."""
+    continues the same W&B run instead of opening a new one; a fresh run gets a new id. metrics.jsonl is the
+    record W&B is repaired from on resume (truncate_after): it holds the images' paths too."""
 
     def __init__(self, outdir, config, mode="off", project="diffusion-lab", group=None, name=None,
                  jsonl_name="metrics.jsonl", resume=False):
         global _wandb_failed
         self.path = os.path.join(outdir, jsonl_name)
         self.wandb = None
+        self.first_new_step = 0   # a resumed online W&B run holds the steps before this one (truncate_after)
         if mode != "off" and not _wandb_failed:
             try:
                 import wandb
@@ -808,15 +810,48 @@ class RunLogger:
         record = {"time": time.time(), **({"step": step} if step is not None else {}), **metrics}
         with self._locked(), open(self.path, "a") as file:
             file.write(json.dumps(record, default=float) + "\n")
-        if self.wandb is not None:
+        if self.wandb is not None and (step is None or step >= self.first_new_step):
             self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def truncate_after(self, step, **match):
         """Drop the metrics.jsonl records with a step greater than `step` whose fields equal `match`
         (e.g. config=..., seed=...): after a resume from `step` they are logged again, so without this
-        the steps between the last checkpoint and the kill would appear twice. Returns how many went."""
+        the steps between the last checkpoint and the kill would appear twice. Returns how many went.
+
+        Then the resumed W&B run is given the kept records it lacks. Online, those from the run's starting
+        step on: W&B sends in batches, so a kill -9 loses the last ones, and later records below that step
+        (which W&B would refuse) are not sent. Offline, all of them: `wandb sync` of a later offline
+        directory with the same id replaces the earlier one's history, so the latest must hold the whole run."""
         with self._locked():
-            return self._truncate_after(step, match)
+            dropped = self._truncate_after(step, match)
+        if self.wandb is not None:
+            self.first_new_step = self.wandb.starting_step   # online: the server's next step; offline: 0
+            for record in self._records():
+                if (record.get("step") is not None and record["step"] >= self.first_new_step
+                        and all(record.get(key) == value for key, value in match.items())):
+                    self._send(record)
+        return dropped
+
+    def _records(self):
+        """metrics.jsonl's records, without a line a kill cut short."""
+        if os.path.exists(self.path):
+            with open(self.path) as file:
+                for line in file:
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:
+                        pass
+
+    def _send(self, record):
+        """One metrics.jsonl record to W&B again: an image (log_image's record) or the numbers."""
+        if "image" in record:
+            if os.path.isfile(record["path"]):
+                import wandb
+                self.wandb.log({record["image"]: wandb.Image(record["path"], caption=record.get("caption"))},
+                               step=record["step"])
+        else:
+            self.wandb.log({k: v for k, v in record.items() if k not in ("time", "step") and isinstance(v, (int, float))},
+                           step=record["step"])
 
     def _truncate_after(self, step, match):
         if not os.path.exists(self.path):
@@ -839,8 +874,13 @@ class RunLogger:
         return dropped
 
     def log_image(self, key, path, caption=None, step=None):
-        """An image at the training step it belongs to (W&B would otherwise give it a step of its own)."""
-        if self.wandb is not None:
+        """An image at the training step it belongs to (W&B would otherwise give it a step of its own); its
+        path goes to metrics.jsonl, so a resumed run can give it to W&B again."""
+        record = {"time": time.time(), **({"step": step} if step is not None else {}), "image": key,
+                  "path": os.path.abspath(path), "caption": caption}
+        with self._locked(), open(self.path, "a") as file:
+            file.write(json.dumps(record) + "\n")
+        if self.wandb is not None and (step is None or step >= self.first_new_step):
             import wandb
             self.wandb.log({key: wandb.Image(path, caption=caption)}, step=step)
 

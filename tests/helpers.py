@@ -38,10 +38,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def kill_9_when_written(script, argv, path, timeout=300):
     """Run `python script argv...` from the repository root and SIGKILL it (no handler runs) as soon as `path`
     exists, i.e. right after its first checkpoint write; asserts it died of the signal, not of an error."""
+    kill_9_when(script, argv, lambda: os.path.exists(path), timeout)
+
+
+def kill_9_when(script, argv, condition, timeout=300):
+    """kill_9_when_written, with the moment of the kill the first poll at which condition() is true."""
     child = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + timeout
-    while not os.path.exists(path) and child.poll() is None and time.time() < deadline:
+    while not condition() and child.poll() is None and time.time() < deadline:
         time.sleep(0.002)
     child.send_signal(signal.SIGKILL)
     assert child.wait() == -signal.SIGKILL, child.stderr.read().decode()[-2000:]

@@ -1,6 +1,7 @@
-"""W&B, offline (no network): one W&B run per training across a preemption and --resume, its history read back
-from wandb's own offline run file holding every step once with metrics.jsonl's values, step-aligned images,
-the summary, and a W&B failure costing one line."""
+"""W&B, offline (no network): one W&B run per training across a preemption (SIGTERM, or kill -9) and --resume,
+its latest offline run file, read back record by record, holding every step once with metrics.jsonl's values
+(`wandb sync` of a later offline directory of a run replaces the earlier one's history, so the latest must hold
+it all), step-aligned images also given again after a resume, the summary, and a W&B failure costing one line."""
 import functools
 import glob
 import json
@@ -61,13 +62,15 @@ def wandb_records(path):
 
 
 def offline_runs(outdir):
-    """{run id: [records of each offline run directory with that id, oldest first]} under outdir/wandb."""
+    """{run id: [records of each offline run directory with that id, oldest first]} under outdir/wandb. A
+    process killed before W&B wrote its buffer leaves a file with the header alone (no records)."""
     runs = {}
     for directory in sorted(glob.glob(os.path.join(outdir, "wandb", "offline-run-*"))):
         (path,) = glob.glob(os.path.join(directory, "run-*.wandb"))
         records = list(wandb_records(path))
-        (run,) = [record.run for record in records if record.WhichOneof("record_type") == "run"]
-        runs.setdefault(run.run_id, []).append(records)
+        run_id = os.path.basename(path)[len("run-"):-len(".wandb")]
+        assert all(record.run.run_id == run_id for record in records if record.WhichOneof("record_type") == "run")
+        runs.setdefault(run_id, []).append(records)
     return runs
 
 
@@ -99,20 +102,12 @@ def test_a_resumed_run_continues_the_same_wandb_run_with_every_step_once(tmp_pat
     run_id = open(id_file).read().strip()
     runs = offline_runs(outdir)
     assert list(runs) == [run_id] and len(runs[run_id]) == 2           # one W&B run, written by two processes
-    steps = [(step, items) for records in runs[run_id] for step, items in history_rows(records)]
-    logged = [step for step, items in steps if "train/loss" in items]
-    expected = {}
-    with open(outdir / "metrics.jsonl") as file:
-        for line in file:
-            record = json.loads(line)
-            if "train/loss" in record:
-                expected[record["step"]] = record["train/loss"]
+    first, latest = runs[run_id]
+    expected = logged_losses(outdir)
     assert len(expected) == 18                                       # 2 epochs x 9 steps (288 functions), each logged
-    assert sorted(logged) == sorted(expected) and len(set(logged)) == len(logged)   # every step exactly once
-    for step, items in steps:
-        if "train/loss" in items:
-            assert items["train/loss"] == pytest.approx(expected[step], rel=1e-6), step
-    assert any(items.get("w_total") is not None or any(key.endswith("w_total") for key in items) for _, items in steps)
+    assert_every_step_once(latest, expected)
+    assert sorted(step for step, items in history_rows(first) if "train/loss" in items) == list(range(1, 7))
+    assert any(key.endswith("w_total") for _, items in history_rows(latest) for key in items)
     summaries = [item.key or "/".join(item.nested_key) for record in runs[run_id][-1]
                  if record.WhichOneof("record_type") == "summary" for item in record.summary.update]
     assert "final/w_total" in summaries
@@ -122,6 +117,50 @@ def test_a_resumed_run_continues_the_same_wandb_run_with_every_step_once(tmp_pat
     assert run_cli(tiny_args(fresh, data_dir, "--epochs", "1")) == 0
     (fresh_id,) = offline_runs(fresh)
     assert fresh_id != run_id
+
+
+def logged_losses(outdir):
+    """{step: train/loss} of outdir/metrics.jsonl (the last record of a step wins)."""
+    losses = {}
+    if os.path.exists(outdir / "metrics.jsonl"):
+        with open(outdir / "metrics.jsonl") as file:
+            for line in file:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:   # the line a kill cut short
+                    continue
+                if "train/loss" in record:
+                    losses[record["step"]] = record["train/loss"]
+    return losses
+
+
+def assert_every_step_once(records, expected):
+    """The history of an offline run file holds each step of `expected` ({step: train/loss}) exactly once, with
+    that value."""
+    rows = [(step, items["train/loss"]) for step, items in history_rows(records) if "train/loss" in items]
+    assert sorted(step for step, _ in rows) == sorted(expected)
+    for step, loss in rows:
+        assert loss == pytest.approx(expected[step], rel=1e-6), step
+
+
+def test_after_a_kill_9_the_wandb_history_holds_every_step_once(tmp_path, monkeypatch):
+    """kill -9 (no handler, no checkpoint at the kill) mid-epoch, after the process has logged steps past its
+    last checkpoint; then --resume, which trains those steps again. One W&B run; every step once in its
+    latest offline run file (metrics.jsonl's records up to the checkpoint given again, W&B having lost what the
+    killed process had not yet written), each equal to metrics.jsonl's value."""
+    data_dir, outdir = tmp_path / "data", tmp_path / "run"
+    argv = [str(arg) for arg in tiny_args(outdir, data_dir, "--epochs", "4", "--threads", "1")]
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)   # the child starts its own W&B service, as a real job does
+    helpers.kill_9_when("no_diffusion.py", argv, lambda: max(logged_losses(outdir), default=0) >= 13)
+    checkpoint_step = torch.load(outdir / "model.pt", weights_only=False)["step"]
+    logged_by_the_killed = max(logged_losses(outdir))
+    assert logged_by_the_killed > checkpoint_step                     # steps the resumed run trains again
+    assert run_cli([*argv, "--resume"]) == 0
+
+    ((run_id, (_killed, latest)),) = offline_runs(outdir).items()       # one W&B run, written by two processes
+    expected = logged_losses(outdir)
+    assert len(expected) == 36                                        # 4 epochs x 9 steps, each logged
+    assert_every_step_once(latest, expected)
 
 
 def test_images_are_logged_at_their_training_step(tmp_path):
@@ -138,6 +177,15 @@ def test_images_are_logged_at_their_training_step(tmp_path):
     assert not any(key.startswith("samples") for key in {**rows[3], **rows[7]})
     assert open(tmp_path / ".wandb-images.id").read().strip() == run_id
 
+    # resumed from a checkpoint at step 5: the image is given to the resumed run again, step 7 is logged anew
+    resumed = common.RunLogger(str(tmp_path), {"x": 1}, "offline", name="images", resume=True)
+    assert resumed.truncate_after(5) == 1
+    resumed.log({"train/loss": 0.25}, step=7)
+    resumed.finish()
+    _, latest = offline_runs(tmp_path)[run_id]
+    rows = dict(history_rows(latest))
+    assert sorted(rows) == [3, 5, 7] and rows[5]["samples/_type"] == "image-file" and rows[7]["train/loss"] == 0.25
+
 
 def test_a_wandb_failure_costs_one_line_and_nothing_else(tmp_path, monkeypatch, capsys):
     broken = types.ModuleType("wandb")
@@ -153,4 +201,5 @@ def test_a_wandb_failure_costs_one_line_and_nothing_else(tmp_path, monkeypatch, 
     common.RunLogger(str(tmp_path), {}, "online", name="again")      # later loggers do not retry or print
     lines = [line for line in capsys.readouterr().out.splitlines() if line]
     assert lines == ["W&B did not start (RuntimeError: no network); continuing with metrics.jsonl only"]
-    assert json.loads((tmp_path / "metrics.jsonl").read_text())["train/loss"] == 2.0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["train/loss"] == 2.0 and records[1]["image"] == "samples" and len(records) == 2
