@@ -369,6 +369,63 @@ def validation_loss(model, process, validation_z, t, noise):
         return F.mse_loss(model(common.q_sample(process, validation_z, t, noise), t), noise).item()
 
 
+def open_run_directory(args, config):
+    """(run directory, resumed?): the run --auto-resume finds with these settings, else a new directory (its
+    checkpoints/, samples/, logs/ made), which must not hold a checkpoint already."""
+    resumable, why_not = find_resumable_run(args, config) if args.auto_resume else (None, None)
+    if args.auto_resume and resumable is None:
+        print(f"--auto-resume: nothing resumed ({why_not}); starting a new run")
+    run_dir = resumable or os.path.join(args.outdir, args.run_name or f"{run_prefix(args)}-{time.strftime('%Y%m%d-%H%M%S')}")
+    for sub in ("checkpoints", "samples", "logs"):
+        common.prepare_outdir(os.path.join(run_dir, sub))
+    last_path = os.path.join(run_dir, "checkpoints", "last.pt")
+    if resumable is None and os.path.isfile(last_path):
+        raise UserError(f"{last_path} exists" + (f" but cannot be continued: {why_not}" if args.auto_resume else
+                                                 "; pass --auto-resume to continue that run") + "; or pick another --run-name")
+    return run_dir, resumable is not None
+
+
+def learning_rate(args, step, total_steps):
+    """--lr at `step`, constant or cosine-decayed to 0 at total_steps: a function of the step alone, so
+    resuming needs no scheduler state."""
+    if args.lr_schedule == "cosine":
+        return args.lr * 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0)))
+    return args.lr
+
+
+def train_epoch(forward, model, ema, optimizer, process, train_z, generator, progress, args, total_steps, logger,
+                stop, checkpoint_path):
+    """The rest of epoch progress['epoch'], from batch progress['batch_index'], in a batch order fixed by the
+    seed and the epoch; progress['step'] and ['batch_index'] advance (the latter is reset to 0 at the epoch's
+    end). Stops after the step in which a stop signal came. Returns (the last batch's loss, stopped?)."""
+    model.train()
+    epoch, steps_per_epoch = progress["epoch"], (len(train_z) + args.batch_size - 1) // args.batch_size
+    order = torch.randperm(len(train_z), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).to(train_z.device)
+    last_loss = float("nan")
+    bar = tqdm(range(progress["batch_index"], steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
+               disable=args.no_progress, mininterval=1.0, leave=False)
+    for batch_index in bar:
+        z0 = train_z[order[batch_index * args.batch_size:(batch_index + 1) * args.batch_size]]  # (B, D)
+        step = progress["step"]
+        loss = eps_loss(forward, process, z0, generator, args.amp)
+        last_loss = common.finite_loss(loss, f"step {step}", checkpoint_path)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(args, step, total_steps)
+        optimizer.step()
+        ema.update(model)
+        progress["step"], progress["batch_index"] = step + 1, batch_index + 1
+        bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
+        if (step + 1) % args.log_every == 0:
+            logger.log({"train/loss": last_loss, "train/learning_rate": learning_rate(args, step, total_steps),
+                        "progress/epoch": epoch + (batch_index + 1) / steps_per_epoch}, step=step + 1)
+        if stop.received:
+            return last_loss, True
+    progress["batch_index"] = 0
+    return last_loss, False
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["generate"]:
@@ -415,14 +472,7 @@ def main(argv=None):
               "validation_split": f"{VALIDATION_FRACTION:g} of each digit of train, seed {VALIDATION_SEED}",
               "train_size": len(train_z), "validation_size": len(validation_z),
               "test_size": len(splits["test_images"]), "parameters": common.count_parameters(model)}
-    resumable = None
-    if args.auto_resume:
-        resumable, why_not = find_resumable_run(args, config)
-        if resumable is None:
-            print(f"--auto-resume: nothing resumed ({why_not}); starting a new run")
-    run_dir = resumable or os.path.join(args.outdir, args.run_name or f"{run_prefix(args)}-{time.strftime('%Y%m%d-%H%M%S')}")
-    for sub in ("checkpoints", "samples", "logs"):
-        common.prepare_outdir(os.path.join(run_dir, sub))
+    run_dir, resumable = open_run_directory(args, config)
     last_path, best_path = os.path.join(run_dir, "checkpoints", "last.pt"), os.path.join(run_dir, "checkpoints", "best.pt")
     config["run_dir"] = run_dir
     meta = common.checkpoint_meta(SCRIPT, KIND, args=model_args, T=args.T, beta_scaling="1000/T",
@@ -434,29 +484,20 @@ def main(argv=None):
     steps_per_epoch = (len(train_z) + args.batch_size - 1) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
 
-    def learning_rate(step):  # a function of the step alone, so resuming needs no scheduler state
-        if args.lr_schedule == "cosine":
-            return args.lr * 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0)))
-        return args.lr
-
-    epoch, batch_index, step, elapsed, best_val, epochs_without_improvement = 0, 0, 0, 0.0, float("inf"), 0
-    best_epoch, last_loss = 0, float("nan")
-    if resumable is None and os.path.isfile(last_path):
-        raise UserError(f"{last_path} exists" + (f" but cannot be continued: {why_not}" if args.auto_resume else
-                                                 "; pass --auto-resume to continue that run") + "; or pick another --run-name")
+    progress = {"epoch": 0, "batch_index": 0, "step": 0, "elapsed": 0.0, "best_epoch": 0, "best_val": float("inf"),
+                "epochs_without_improvement": 0}          # saved with every checkpoint, restored on resume
     if resumable:
         state = common.load_checkpoint(last_path, script=SCRIPT, kinds={KIND})
         common.restore_training_state(state, last_path, model, ema, optimizer, generator)
-        epoch, batch_index, step, elapsed = state["epoch"], state["batch_index"], state["step"], state["elapsed"]
-        best_val, epochs_without_improvement, best_epoch = state["best_val"], state["epochs_without_improvement"], state["best_epoch"]
-        print(f"resuming {run_dir} at epoch {epoch}, step {step}")
+        progress = {key: state[key] for key in progress}
+        print(f"resuming {run_dir} at epoch {progress['epoch']}, step {progress['step']}")
         repair_best_checkpoint(state, last_path, best_path)
     print(f"run directory: {run_dir}")
     common.write_json(os.path.join(run_dir, "config.json"), config)
     logger = common.RunLogger(os.path.join(run_dir, "logs"), config, args.wandb, name=os.path.basename(run_dir),
-                              resume=bool(resumable))
+                              resume=resumable)
     if resumable:
-        logger.truncate_after(step)  # the steps after the checkpoint are logged again by this run
+        logger.truncate_after(progress["step"])  # the steps after the checkpoint are logged again by this run
 
     # fixed validation noise: the EMA model's eps-MSE on the validation latents is comparable across epochs
     validation_generator = torch.Generator().manual_seed(args.seed + 1)
@@ -464,67 +505,52 @@ def main(argv=None):
     val_noise = torch.randn(validation_z.shape, generator=validation_generator).to(device)
 
     def save(path):
-        common.save_checkpoint(path, {
-            **common.training_state(model, ema, optimizer, generator),
-            "epoch": epoch, "batch_index": batch_index, "step": step, "elapsed": elapsed, "best_epoch": best_epoch,
-            "best_val": best_val, "epochs_without_improvement": epochs_without_improvement,
-            "latent_stats": {key: value.cpu() for key, value in stats.items()}, "config": config, "meta": meta})
+        common.save_checkpoint(path, {**common.training_state(model, ema, optimizer, generator), **progress,
+                                      "latent_stats": {key: value.cpu() for key, value in stats.items()},
+                                      "config": config, "meta": meta})
 
     def sample_grid(name, count):
         z = sample_latents(ema.model, process, stats, count, "dpmpp", min(20, args.T), seed=args.seed, device=device)
         path = common.save_image_grid(os.path.join(run_dir, "samples", name), decode_latents(autoencoder, z, stats), nrow=8)
-        logger.log_image(f"samples/{name}", path, caption=f"epoch {epoch}, DPM-Solver++ 20 steps", step=step)
+        logger.log_image(f"samples/{name}", path, caption=f"epoch {progress['epoch']}, DPM-Solver++ 20 steps",
+                         step=progress["step"])
         return path
 
-    # training loop: eps-prediction MSE (Ho et al. 2020, Alg. 1) on normalised latents
+    # training loop: eps-prediction MSE (Ho et al. 2020, Alg. 1) on normalised latents, validated every epoch
     stop = common.StopSignal()
-    started = time.time() - elapsed
+    started = time.time() - progress["elapsed"]
     try:
-        while epoch < args.epochs:
-            model.train()
-            order = torch.randperm(len(train_z), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).to(device)
-            bar = tqdm(range(batch_index, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
-                       disable=args.no_progress, mininterval=1.0, leave=False)
-            for batch_index in bar:
-                z0 = train_z[order[batch_index * args.batch_size:(batch_index + 1) * args.batch_size]]  # (B, D)
-                loss = eps_loss(forward, process, z0, generator, args.amp)
-                last_loss = common.finite_loss(loss, f"step {step}", last_path)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step)
-                optimizer.step()
-                ema.update(model)
-                step += 1
-                bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
-                if step % args.log_every == 0:
-                    logger.log({"train/loss": last_loss, "train/learning_rate": learning_rate(step - 1),
-                                "progress/epoch": epoch + (batch_index + 1) / steps_per_epoch}, step=step)
-                if stop.received:
-                    batch_index += 1
-                    elapsed = time.time() - started
-                    save(last_path)
-                    print(f"{stop.received} received: saved {last_path} at step {step}; rerun with --auto-resume")
-                    logger.finish()  # the W&B run is continued by the resumed run (same id)
-                    return
-            epoch, batch_index = epoch + 1, 0
-            elapsed = time.time() - started
+        while progress["epoch"] < args.epochs:
+            last_loss, stopped = train_epoch(forward, model, ema, optimizer, process, train_z, generator, progress, args,
+                                    total_steps, logger, stop, last_path)
+            progress["elapsed"] = time.time() - started
+            if stopped:
+                save(last_path)
+                print(f"{stop.received} received: saved {last_path} at step {progress['step']}; rerun with --auto-resume")
+                logger.finish()  # the W&B run is continued by the resumed run (same id)
+                return
+            epoch = progress["epoch"] = progress["epoch"] + 1
             val = validation_loss(ema.model, process, validation_z, val_t, val_noise)
-            improved = val < best_val
-            best_val, epochs_without_improvement = (val, 0) if improved else (best_val, epochs_without_improvement + 1)
-            best_epoch = epoch if improved else best_epoch
-            logger.log({"val/eps_mse_ema": val, "progress/epoch": epoch, "time/elapsed_s": elapsed}, step=step)
-            print(f"epoch {epoch}/{args.epochs}: train loss {last_loss:.4f}, validation eps-MSE (EMA) {val:.4f} ({elapsed:.0f} s)")
+            improved = val < progress["best_val"]
+            if improved:
+                progress.update(best_val=val, best_epoch=epoch, epochs_without_improvement=0)
+            else:
+                progress["epochs_without_improvement"] += 1
+            logger.log({"val/eps_mse_ema": val, "progress/epoch": epoch, "time/elapsed_s": progress["elapsed"]},
+                       step=progress["step"])
+            print(f"epoch {epoch}/{args.epochs}: train loss {last_loss:.4f}, validation eps-MSE (EMA) {val:.4f} "
+                  f"({progress['elapsed']:.0f} s)")
             if args.generate_images:
                 sample_grid(f"epoch-{epoch:03d}.png", args.samples_per_epoch)
             save(last_path)
             if improved:  # a kill between these two writes is repaired on resume (repair_best_checkpoint)
                 save(best_path)
-            if args.early_stopping_patience and epochs_without_improvement >= args.early_stopping_patience:
-                print(f"early stopping: no better validation loss for {epochs_without_improvement} epochs")
+            if args.early_stopping_patience and progress["epochs_without_improvement"] >= args.early_stopping_patience:
+                print(f"early stopping: no better validation loss for {progress['epochs_without_improvement']} epochs")
                 break
     finally:
         stop.close()
+    epoch, step, elapsed, best_val, best_epoch = (progress[key] for key in ("epoch", "step", "elapsed", "best_val", "best_epoch"))
 
     # evaluation of the final EMA model: everything beside its reference
     results = {"run_dir": run_dir, "dataset": data["name"], "only_digit": args.only_digit, "epochs": epoch,

@@ -267,9 +267,10 @@ class SpectralConv2d(nn.Module):
     between functions rather than between grids. rfft2 keeps the non-negative frequencies of the last
     axis, so two blocks of weights cover the positive and the negative frequencies of the other axis.
     norm='forward' makes the Fourier coefficients grid-independent (FFT / n^2). Why 12 by default: the
-    synthetic volcano's fringes and atmosphere have little energy above ~10 cycles per domain, 12 modes
-    fit any grid from 24 px up, and what a fixed mode count cannot express (sharper, pointwise detail)
-    is handled by the 1x1 convolution beside it. (B, C_in, H, W) -> (B, C_out, H, W)."""
+    atmosphere has little energy above ~10 cycles per domain (the fringes near a source have more), 12
+    modes fit any grid from 24 px up, and 24 modes, measured at equal CPU time, gave rougher samples
+    (Fourier ringing) and no better sources (BENCHMARKS.md); what a fixed mode count cannot express is
+    left to the 1x1 convolution beside it. (B, C_in, H, W) -> (B, C_out, H, W)."""
 
     def __init__(self, in_channels, out_channels, modes):
         super().__init__()
@@ -1145,6 +1146,54 @@ def run_directory(args):
 # ----------------------------------------------------------------------------------------------
 # training
 
+def resume_from(checkpoint_path, config, model, ema, optimizer, generator):
+    """Restore a run from its model.pt (model, EMA, optimiser, generator in place); returns its progress
+    (epoch, batch_index, step, elapsed, best). A run with other settings is refused."""
+    state = common.load_checkpoint(checkpoint_path, script=SCRIPT, kinds={KIND})
+    defaults = build_parser()        # a setting added since the run started has its default there
+    changed = [key for key in RUN_IDENTITY if state["config"].get(key, defaults.get_default(key)) != config[key]]
+    if changed:
+        raise UserError(f"{checkpoint_path} was trained with other settings ({', '.join(changed)}); use another --outdir")
+    common.restore_training_state(state, checkpoint_path, model, ema, optimizer, generator)
+    return {key: state[key] for key in ("epoch", "batch_index", "step", "elapsed", "best")}
+
+
+def train_epoch(model, ema, optimizer, train, noise, sigmas, sigma_data, generator, progress, args, logger, stop, started,
+                checkpoint_path):
+    """The rest of epoch progress['epoch'] from batch progress['batch_index'], in a batch order fixed by the seed
+    and the epoch; progress['step'] and ['batch_index'] advance, and at the epoch's end ['epoch'] does (and
+    ['batch_index'] is reset). Returns (the last loss, why it stopped early: None, 'signal' or 'time', the
+    latter when the training clock, started at `started`, passes --max-minutes)."""
+    model.train()
+    epoch, steps_per_epoch = progress["epoch"], (len(train) + args.batch_size - 1) // args.batch_size
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).to(train.device)
+    bar = tqdm(range(progress["batch_index"], steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
+               disable=args.no_progress, mininterval=1.0, leave=False)
+    window_start, window_step, last_loss = time.time(), progress["step"], float("nan")
+    for batch_index in bar:
+        u = train[order[batch_index * args.batch_size:(batch_index + 1) * args.batch_size]]   # (B, 2, n, n)
+        loss = denoising_loss(model, u, noise, sigmas, sigma_data, args, generator)
+        last_loss = common.finite_loss(loss, f"step {progress['step']}", checkpoint_path)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.update(model)
+        step = progress["step"] = progress["step"] + 1
+        progress["batch_index"] = batch_index + 1
+        bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
+        if step % args.log_every == 0:
+            rate = (step - window_step) / max(time.time() - window_start, 1e-9)  # steps/s since the last line
+            logger.log({"train/loss": last_loss, "progress/epoch": epoch + (batch_index + 1) / steps_per_epoch,
+                        "system/images_per_second": rate * args.batch_size}, step=step)
+            window_start, window_step = time.time(), step
+        if stop.received:
+            return last_loss, "signal"
+        if args.max_minutes is not None and time.time() - started > 60 * args.max_minutes:
+            return last_loss, "time"
+    progress["epoch"], progress["batch_index"] = epoch + 1, 0
+    return last_loss, None
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["eval"]:
@@ -1184,79 +1233,49 @@ def main(argv=None):
 
     generator = torch.Generator().manual_seed(args.seed)   # all training randomness; checkpointed
     steps_per_epoch = (len(train) + args.batch_size - 1) // args.batch_size
-    epoch, batch_index, step, elapsed, last_loss = 0, 0, 0, 0.0, float("nan")
-    best = {key: float("inf") for key in CHECKPOINT_METRICS}
+    progress = {"epoch": 0, "batch_index": 0, "step": 0, "elapsed": 0.0,      # saved with every checkpoint
+                "best": {key: float("inf") for key in CHECKPOINT_METRICS}}
     if os.path.isfile(checkpoint_path) and not args.resume:
         raise UserError(f"{checkpoint_path} exists; pass --resume to continue that run, or pick another --outdir")
     if args.resume:
-        state = common.load_checkpoint(checkpoint_path, script=SCRIPT, kinds={KIND})
-        defaults = build_parser()        # a setting added since the run started has its default there
-        changed = [key for key in RUN_IDENTITY if state["config"].get(key, defaults.get_default(key)) != config[key]]
-        if changed:
-            raise UserError(f"{checkpoint_path} was trained with other settings ({', '.join(changed)}); "
-                            "use another --outdir")
-        common.restore_training_state(state, checkpoint_path, model, ema, optimizer, generator)
-        epoch, batch_index, step, elapsed, best = state["epoch"], state["batch_index"], state["step"], state["elapsed"], state["best"]
-        print(f"resuming {run_dir} at epoch {epoch}, step {step}")
+        progress = resume_from(checkpoint_path, config, model, ema, optimizer, generator)
+        print(f"resuming {run_dir} at epoch {progress['epoch']}, step {progress['step']}")
     print(f"run directory: {run_dir}")
     common.write_json(os.path.join(run_dir, "config.json"), config)
     logger = common.RunLogger(run_dir, config, args.wandb, name=os.path.basename(run_dir), resume=args.resume)
     if args.resume:
-        logger.truncate_after(step)  # the steps after the checkpoint are logged again by this run
+        logger.truncate_after(progress["step"])  # the steps after the checkpoint are logged again by this run
     if not args.resume:
         save_setup_pictures(run_dir, noise, train[:1], args)
 
     def save(path):
-        common.save_checkpoint(path, {**common.training_state(model, ema, optimizer, generator),
-                                      "epoch": epoch, "batch_index": batch_index, "step": step, "elapsed": elapsed,
-                                      "best": best, "config": config, "meta": meta})
+        common.save_checkpoint(path, {**common.training_state(model, ema, optimizer, generator), **progress,
+                                      "config": config, "meta": meta})
 
     def record():
-        metrics, evaluations, seconds = record_metrics(ema, noise, sigmas, scoring, data, args, run_dir, epoch, device)
-        keep_best(metrics, best, ema, epoch, run_dir, {"config": config, "meta": meta})
+        metrics, evaluations, seconds = record_metrics(ema, noise, sigmas, scoring, data, args, run_dir,
+                                                       progress["epoch"], device)
+        keep_best(metrics, progress["best"], ema, progress["epoch"], run_dir, {"config": config, "meta": meta})
         logger.log({**{f"val/{key}": value for key, value in metrics.items() if key != "worst_metric"},
-                    "val/sampling_s": seconds, "val/evaluations": evaluations, "progress/epoch": epoch}, step=step)
+                    "val/sampling_s": seconds, "val/evaluations": evaluations, "progress/epoch": progress["epoch"]},
+                   step=progress["step"])
         return metrics, evaluations, seconds
 
     # training loop: denoising score matching (Song & Ermon 2019, Eq. 2), with EDM's weight by default (loss_weights)
     stop = common.StopSignal()
-    started = time.time() - elapsed
-    window_start, window_step = time.time(), step
+    started = time.time() - progress["elapsed"]
     metrics = None
     try:
-        while epoch < args.epochs:
-            model.train()
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).to(device)
-            bar = tqdm(range(batch_index, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
-                       disable=args.no_progress, mininterval=1.0, leave=False)
-            for batch_index in bar:
-                u = train[order[batch_index * args.batch_size:(batch_index + 1) * args.batch_size]]   # (B, 2, n, n)
-                loss = denoising_loss(model, u, noise, sigmas, sigma_data, args, generator)
-                last_loss = common.finite_loss(loss, f"step {step}", checkpoint_path)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                ema.update(model)
-                step += 1
-                bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
-                if step % args.log_every == 0:
-                    rate = (step - window_step) / max(time.time() - window_start, 1e-9)  # steps/s since the last line
-                    logger.log({"train/loss": last_loss, "progress/epoch": epoch + (batch_index + 1) / steps_per_epoch,
-                                "system/images_per_second": rate * args.batch_size}, step=step)
-                    window_start, window_step = time.time(), step
-                out_of_time = args.max_minutes is not None and time.time() - started > 60 * args.max_minutes
-                if stop.received or out_of_time:
-                    batch_index += 1
-                    elapsed = time.time() - started
-                    save(checkpoint_path)
-                    if stop.received:
-                        print(f"{stop.received} received: saved {checkpoint_path} at step {step}; rerun with --resume")
-                        logger.finish()  # the W&B run is continued by the resumed run (same id)
-                        return None
-                    break
-            else:
-                epoch, batch_index = epoch + 1, 0
-            elapsed = time.time() - started
+        while progress["epoch"] < args.epochs:
+            last_loss, stopped = train_epoch(model, ema, optimizer, train, noise, sigmas, sigma_data, generator, progress,
+                                             args, logger, stop, started, checkpoint_path)
+            progress["elapsed"] = elapsed = time.time() - started
+            if stopped == "signal":
+                save(checkpoint_path)
+                print(f"{stop.received} received: saved {checkpoint_path} at step {progress['step']}; rerun with --resume")
+                logger.finish()  # the W&B run is continued by the resumed run (same id)
+                return None
+            epoch, batch_index = progress["epoch"], progress["batch_index"]
             label = (f"epoch {epoch + 1}/{args.epochs} stopped after {batch_index}/{steps_per_epoch} steps" if batch_index
                      else f"epoch {epoch}/{args.epochs}")   # --max-minutes stops inside an epoch
             print(f"{label}: loss {last_loss:.4f} ({elapsed:.0f} s)")
@@ -1266,11 +1285,11 @@ def main(argv=None):
                 metrics, evaluations, seconds = record()
                 started += time.time() - record_started  # the training clock (train_time_s, --max-minutes) leaves it out
             save(checkpoint_path)
-            window_start, window_step = time.time(), step  # evaluation and saving are not training speed
             if finished:
                 break
     finally:
         stop.close()
+    epoch, step, elapsed, best = progress["epoch"], progress["step"], progress["elapsed"], progress["best"]
 
     # results: the final EMA model's metrics beside their real-vs-real floors
     if metrics is None:
