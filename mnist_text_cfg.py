@@ -895,20 +895,9 @@ def train(args, rank, world_size, device):
     context_dim = 128 if args.text_encoder == "class" else table["tokens"].shape[-1]
 
     # model, process, optimiser, EMA
-    torch.manual_seed(args.seed)
-    model_args = {"channels": list(args.channels), "context_dim": context_dim, "heads": args.heads,
-                  "emb_dim": args.emb_dim, "num_labels": 10 if args.text_encoder == "class" else None,
-                  "prediction": args.prediction}
-    model = TextUNet(**model_args).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = common.EMA(model, args.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model_args, model, network, ema, optimizer = build_model(args, context_dim, device)
     process = common.make_process("gaussian", args.T, "cosine")
     snr_weight = min_snr_weight(process, args.prediction, args.min_snr_gamma, device)
-    network = torch.compile(model) if args.compile else model
-    if dist.is_initialized():
-        network = nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
     parameters = common.count_parameters(model)
     if is_main:
         print(f"text UNet: {parameters:,} parameters ({args.text_encoder} captions, widths {args.channels}); "
@@ -982,12 +971,7 @@ def train(args, rank, world_size, device):
                 if args.eval_every and step % args.eval_every == 0 and args.eval_samples and is_main:
                     paused = time.time()
                     evaluator = evaluator or make_evaluator(args, data, device)
-                    metrics, _ = evaluate_ema(evaluator, ema, process, table, null_id, args, args.eval_samples, full=False)
-                    logger.log({"eval/prompt_accuracy": metrics["prompt_accuracy"], "eval/fid": metrics["fid"],
-                                "eval/fid_floor": metrics["fid_floor"]}, step=step)
-                    print(f"step {step}: prompt accuracy {metrics['prompt_accuracy']:.1%}, {metrics['fid_kind']} FID "
-                          f"{metrics['fid']:.2f} (floor {metrics['fid_floor']:.2f}, {metrics['samples']} samples), "
-                          f"loss {last_loss:.4f}", flush=True)
+                    quick_evaluation(evaluator, ema, process, table, null_id, args, logger, step, last_loss)
                     started, window_start = (clock + time.time() - paused for clock in (started, window_start))
                 stop_seen = stop_seen or stop_requested(stop, world_size, device)
                 if stop_seen or step >= progress["total_steps"]:
@@ -1029,14 +1013,41 @@ def train(args, rank, world_size, device):
                "parameters": parameters, "text_encoder": args.text_encoder, "checkpoint": final_path}
     if args.final_samples:
         evaluator = evaluator or make_evaluator(args, data, device)
-        metrics, images = evaluate_ema(evaluator, ema, process, table, null_id, args, args.final_samples, full=True)
-        results.update(metrics)
+        results.update(evaluate_ema(evaluator, ema, process, table, null_id, args, args.final_samples, full=True)[0])
         report(results)
     common.write_json(os.path.join(args.outdir, "results.json"), results)
     logger.log({f"final/{k}": v for k, v in results.items() if isinstance(v, (int, float))}, step=progress["step"])
     logger.finish({k: v for k, v in results.items() if isinstance(v, (int, float, str))})
     print(f"wrote {os.path.join(args.outdir, 'results.json')}")
     return results
+
+
+def build_model(args, context_dim, device):
+    """(model_args, the TextUNet, what training calls: the model compiled and/or DDP-wrapped, its EMA, AdamW),
+    the weights drawn from --seed."""
+    torch.manual_seed(args.seed)
+    model_args = {"channels": list(args.channels), "context_dim": context_dim, "heads": args.heads,
+                  "emb_dim": args.emb_dim, "num_labels": 10 if args.text_encoder == "class" else None,
+                  "prediction": args.prediction}
+    model = TextUNet(**model_args).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = common.EMA(model, args.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    network = torch.compile(model) if args.compile else model
+    if dist.is_initialized():
+        network = nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+    return model_args, model, network, ema, optimizer
+
+
+def quick_evaluation(evaluator, ema, process, table, null_id, args, logger, step, last_loss):
+    """The --eval-every check during training (--eval-samples samples): logged and printed."""
+    metrics, _ = evaluate_ema(evaluator, ema, process, table, null_id, args, args.eval_samples, full=False)
+    logger.log({"eval/prompt_accuracy": metrics["prompt_accuracy"], "eval/fid": metrics["fid"],
+                "eval/fid_floor": metrics["fid_floor"]}, step=step)
+    print(f"step {step}: prompt accuracy {metrics['prompt_accuracy']:.1%}, {metrics['fid_kind']} FID "
+          f"{metrics['fid']:.2f} (floor {metrics['fid_floor']:.2f}, {metrics['samples']} samples), "
+          f"loss {last_loss:.4f}", flush=True)
 
 
 def make_evaluator(args, data, device):
