@@ -269,6 +269,53 @@ def save_reconstructions(path, model, test_x, test_y):
     return common.save_image_grid(path, grid.float(), nrow=10, scale=3)
 
 
+def resume_from(checkpoint_path, config, model, optimizer, scheduler):
+    """Restore a run from its checkpoint (model, optimiser, schedule, RNG in place); returns its progress
+    (epoch, batch_index, step, elapsed). A run with other settings is refused."""
+    state = common.load_checkpoint(checkpoint_path, script=SCRIPT, kinds={config["model"]})
+    changed = [key for key in RUN_IDENTITY if state["config"].get(key) != config[key]]
+    if changed:
+        raise UserError(f"--resume: {checkpoint_path} was trained with other {', '.join(changed)}; "
+                        f"use those settings or another --outdir")
+    common.load_model_state(model, state["model"], checkpoint_path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    common.set_rng_state(state["rng"])
+    return {key: state[key] for key in ("epoch", "batch_index", "step", "elapsed")}
+
+
+def train_epoch(reconstruction_logits, model, optimizer, scheduler, train_x, progress, args, device, logger, stop,
+                checkpoint_path):
+    """The rest of epoch progress['epoch'] from batch progress['batch_index']; the order depends only on (seed,
+    epoch), so a resumed run sees the same batches. progress['step'] and ['batch_index'] advance, and at the
+    epoch's end ['epoch'] does (['batch_index'] reset). Returns True when a stop signal came (after its step)."""
+    model.train()
+    epoch, steps_per_epoch = progress["epoch"], (len(train_x) + args.batch_size - 1) // args.batch_size
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).to(device)
+    bar = tqdm(range(progress["batch_index"], steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
+               disable=args.no_progress, mininterval=1.0, leave=False)
+    for batch_index in bar:
+        batch = train_x[order[batch_index * args.batch_size:(batch_index + 1) * args.batch_size]]
+        with common.autocast(device, args.amp):
+            logits = reconstruction_logits(batch).float()
+        loss = reconstruction_loss(logits, batch, args.loss)
+        loss_value = common.finite_loss(loss, f"step {progress['step']}", checkpoint_path)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step = progress["step"] = progress["step"] + 1
+        progress["batch_index"] = batch_index + 1
+        bar.set_postfix(loss=f"{loss_value:.5f}", refresh=False)
+        if step % args.log_every == 0:
+            logger.log({"train/loss": loss_value, "train/learning_rate": scheduler.get_last_lr()[0],
+                        "progress/epoch": epoch + (batch_index + 1) / steps_per_epoch}, step=step)
+        if stop.received:
+            return True
+    progress["epoch"], progress["batch_index"] = epoch + 1, 0
+    return False
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -300,72 +347,45 @@ def main(argv=None):
     config = {**vars(args), "dataset_used": data["name"], "train_size": data["train_size"],
               "test_size": data["test_size"], "parameters": common.count_parameters(model)}
     meta = common.checkpoint_meta(SCRIPT, args.model, args=constructor_args, dataset=data["name"])
-    epoch, batch_index, step, elapsed = 0, 0, 0, 0.0
+    progress = {"epoch": 0, "batch_index": 0, "step": 0, "elapsed": 0.0}   # saved with every checkpoint
     if args.resume and os.path.exists(checkpoint_path):
-        state = common.load_checkpoint(checkpoint_path, script=SCRIPT, kinds={args.model})
-        changed = [key for key in RUN_IDENTITY if state["config"].get(key) != config[key]]
-        if changed:
-            raise UserError(f"--resume: {checkpoint_path} was trained with other {', '.join(changed)}; "
-                            f"use those settings or another --outdir")
-        common.load_model_state(model, state["model"], checkpoint_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        epoch, batch_index, step, elapsed = state["epoch"], state["batch_index"], state["step"], state["elapsed"]
-        common.set_rng_state(state["rng"])
-        print(f"resumed from {checkpoint_path} at epoch {epoch}, step {step}")
+        progress = resume_from(checkpoint_path, config, model, optimizer, scheduler)
+        print(f"resumed from {checkpoint_path} at epoch {progress['epoch']}, step {progress['step']}")
     common.write_json(os.path.join(args.outdir, "config.json"), config)
     logger = common.RunLogger(args.outdir, config, args.wandb, name=os.path.basename(os.path.normpath(args.outdir)),
-                              resume=bool(step))
-    if step:
-        logger.truncate_after(step)  # resumed: the steps after the checkpoint are logged again by this run
+                              resume=bool(progress["step"]))
+    if progress["step"]:
+        logger.truncate_after(progress["step"])  # resumed: the steps after the checkpoint are logged again by this run
 
     def save(test_mse=None, finished=False):
         common.save_checkpoint(checkpoint_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "batch_index": batch_index, "step": step, "elapsed": elapsed,
-            "rng": common.rng_state(), "config": config,
-            "meta": {**meta, "test_mse": test_mse, "finished": finished, "epoch": epoch, "epochs": args.epochs, "step": step}})
+            **progress, "rng": common.rng_state(), "config": config,
+            "meta": {**meta, "test_mse": test_mse, "finished": finished, "epoch": progress["epoch"],
+                     "epochs": args.epochs, "step": progress["step"]}})
 
     # training loop: BCE (or MSE) on pixels, Adam with cosine decay
     stop = common.StopSignal()
-    started = time.time() - elapsed
+    started = time.time() - progress["elapsed"]
     try:
-        while epoch < args.epochs:
-            model.train()
-            # the epoch's order depends only on (seed, epoch), so a resumed run sees the same batches
-            order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).to(device)
-            bar = tqdm(range(batch_index, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
-                       disable=args.no_progress, mininterval=1.0, leave=False)
-            for batch_index in bar:
-                batch = train_x[order[batch_index * args.batch_size:(batch_index + 1) * args.batch_size]]
-                with common.autocast(device, args.amp):
-                    logits = reconstruction_logits(batch).float()
-                loss = reconstruction_loss(logits, batch, args.loss)
-                loss_value = common.finite_loss(loss, f"step {step}", checkpoint_path)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                bar.set_postfix(loss=f"{loss_value:.5f}", refresh=False)
-                if step % args.log_every == 0:
-                    logger.log({"train/loss": loss_value, "train/learning_rate": scheduler.get_last_lr()[0],
-                                "progress/epoch": epoch + (batch_index + 1) / steps_per_epoch}, step=step)
-                if stop.received:
-                    batch_index += 1
-                    elapsed = time.time() - started
-                    save()
-                    print(f"{stop.received} received: saved {checkpoint_path} at step {step}; rerun with --resume")
-                    logger.finish()  # the W&B run is continued by the resumed run (same id)
-                    return
-            epoch, batch_index = epoch + 1, 0
-            elapsed = time.time() - started
+        while progress["epoch"] < args.epochs:
+            stopped = train_epoch(reconstruction_logits, model, optimizer, scheduler, train_x, progress, args, device,
+                                  logger, stop, checkpoint_path)
+            progress["elapsed"] = time.time() - started
+            if stopped:
+                save()
+                print(f"{stop.received} received: saved {checkpoint_path} at step {progress['step']}; rerun with --resume")
+                logger.finish()  # the W&B run is continued by the resumed run (same id)
+                return
             test_mse = reconstruction_mse(model, test_x)
-            logger.log({"test/reconstruction_mse": test_mse, "progress/epoch": epoch, "time/elapsed_s": elapsed}, step=step)
-            print(f"epoch {epoch}/{args.epochs}: test reconstruction MSE {test_mse:.5f} ({elapsed:.0f} s)")
+            logger.log({"test/reconstruction_mse": test_mse, "progress/epoch": progress["epoch"],
+                        "time/elapsed_s": progress["elapsed"]}, step=progress["step"])
+            print(f"epoch {progress['epoch']}/{args.epochs}: test reconstruction MSE {test_mse:.5f} "
+                  f"({progress['elapsed']:.0f} s)")
             save(test_mse)
     finally:
         stop.close()
+    epoch, step, elapsed = progress["epoch"], progress["step"], progress["elapsed"]
 
     # evaluation
     test_mse = reconstruction_mse(model, test_x)
