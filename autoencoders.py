@@ -205,14 +205,7 @@ def parse_args(argv=None):
     system("--resume", action="store_true", help="continue from <outdir>/ae-<model>.pt if it exists")
     system("--overwrite", action="store_true",
            help="start over even if <outdir> already holds a model (it is replaced)")
-    system("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    system("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    system("--compile", action="store_true", help="torch.compile the model for training")
-    system("--threads", type=common.positive_int, default=None,
-           help="CPU threads for torch (default: torch's choice)")
-    system("--log-every", type=common.positive_int, default=50, help="steps between metrics.jsonl lines")
-    system("--wandb", choices=("off", "offline", "online"), default="off", help="Weights & Biases mode")
-    system("--no-progress", action="store_true", help="no tqdm bar (batch jobs)")
+    common.add_training_system_flags(system, compiled="model")
     args = parser.parse_args(argv)
     args.outdir = args.outdir or os.path.join("runs", f"ae-{args.model}")
     try:

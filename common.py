@@ -1,7 +1,7 @@
 """Shared pieces of diffusion-lab: what two or more experiment scripts use.
 
 Sections, top to bottom:
-  errors and entry point   UserError, run_main, ArgumentParser (one-line flag errors)
+  errors and entry point   UserError, run_main, ArgumentParser (one-line flag errors), add_training_system_flags
   device, seeding, rng     pick_device, seed_everything, rng_state / set_rng_state
   schedules and processes  linear_beta_schedule, cosine_alpha_bar, Process, gaussian_process, convex_process
   diffusion maths          q_sample, posterior, prior_kl_per_dim, check_prior
@@ -93,6 +93,18 @@ def nonnegative_float(text):
     if not (value >= 0 and math.isfinite(value)):
         raise ValueError(f"expected a finite number >= 0, got {text}")
     return value
+
+
+def add_training_system_flags(system, compiled):
+    """The system flags the MNIST autoencoder and latent-diffusion scripts share, into an argument group's
+    add_argument `system`; `compiled` names what --compile wraps."""
+    system("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    system("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    system("--compile", action="store_true", help=f"torch.compile the {compiled} for training")
+    system("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    system("--log-every", type=positive_int, default=50, help="steps between metrics.jsonl lines")
+    system("--wandb", choices=("off", "offline", "online"), default="off", help="Weights & Biases mode")
+    system("--no-progress", action="store_true", help="no tqdm bars (batch jobs)")
 
 
 def noise_interval(text):

@@ -266,14 +266,7 @@ def parse_args(argv=None):
            help="continue the newest run in --outdir with the same settings, if there is one")
     system("--run-name", default=None, help="run directory name (default: built from the settings + time)")
     system("--outdir", default="runs", help="directory that holds the run directories")
-    system("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    system("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    system("--compile", action="store_true", help="torch.compile the denoiser for training")
-    system("--threads", type=common.positive_int, default=None,
-           help="CPU threads for torch (default: torch's choice)")
-    system("--log-every", type=common.positive_int, default=50, help="steps between metrics.jsonl lines")
-    system("--wandb", choices=("off", "offline", "online"), default="off", help="Weights & Biases mode")
-    system("--no-progress", action="store_true", help="no tqdm bars (batch jobs)")
+    common.add_training_system_flags(system, compiled="denoiser")
     args = parser.parse_args(argv)
     if not 0 < args.beta_start < args.beta_end < 1:
         parser.error(f"need 0 < --beta-start < --beta-end < 1, got {args.beta_start}, {args.beta_end}")
