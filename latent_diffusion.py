@@ -389,8 +389,9 @@ def learning_rate(args, step, total_steps):
 def train_epoch(forward, model, ema, optimizer, process, train_z, generator, progress, args, total_steps, logger,
                 stop, checkpoint_path):
     """The rest of epoch progress['epoch'], from batch progress['batch_index'], in a batch order fixed by the
-    seed and the epoch; progress['step'] and ['batch_index'] advance (the latter is reset to 0 at the epoch's
-    end). Stops after the step in which a stop signal came. Returns (the last batch's loss, stopped?)."""
+    seed and the epoch; progress['step'] and ['batch_index'] advance, and at the epoch's end ['epoch'] does
+    (['batch_index'] reset). Stops after the step in which a stop signal came. Returns (the last batch's loss,
+    stopped?)."""
     model.train()
     epoch, steps_per_epoch = progress["epoch"], (len(train_z) + args.batch_size - 1) // args.batch_size
     order = torch.randperm(len(train_z), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).to(train_z.device)
@@ -415,7 +416,7 @@ def train_epoch(forward, model, ema, optimizer, process, train_z, generator, pro
                         "progress/epoch": epoch + (batch_index + 1) / steps_per_epoch}, step=step + 1)
         if stop.received:
             return last_loss, True
-    progress["batch_index"] = 0
+    progress["epoch"], progress["batch_index"] = epoch + 1, 0
     return last_loss, False
 
 
@@ -515,14 +516,14 @@ def main(argv=None):
     try:
         while progress["epoch"] < args.epochs:
             last_loss, stopped = train_epoch(forward, model, ema, optimizer, process, train_z, generator, progress, args,
-                                    total_steps, logger, stop, last_path)
+                                             total_steps, logger, stop, last_path)
             progress["elapsed"] = time.time() - started
             if stopped:
                 save(last_path)
                 print(f"{stop.received} received: saved {last_path} at step {progress['step']}; rerun with --auto-resume")
                 logger.finish()  # the W&B run is continued by the resumed run (same id)
                 return
-            epoch = progress["epoch"] = progress["epoch"] + 1
+            epoch = progress["epoch"]
             val = validation_loss(ema.model, process, validation_z, val_t, val_noise)
             improved = val < progress["best_val"]
             if improved:
