@@ -420,6 +420,90 @@ def train_epoch(forward, model, ema, optimizer, process, train_z, generator, pro
     return last_loss, False
 
 
+def open_autoencoder(args, device):
+    """(its absolute path, the autoencoder, its checkpoint's metadata, which gives its kind and constructor args):
+    --ae-ckpt, else the newest conv checkpoint in --ae-ckpt-dir."""
+    ae_path = os.path.abspath(args.ae_ckpt or autoencoders.find_autoencoder_checkpoint(args.ae_ckpt_dir))
+    autoencoder, ae_meta = autoencoders.load_autoencoder(ae_path, device)
+    print(f"autoencoder: {ae_meta['kind']} {ae_meta['args']} from {ae_path}")
+    if ae_meta.get("finished") is False:
+        print(f"note: this autoencoder is {autoencoders.checkpoint_status(ae_meta)}; its latent space may be poor "
+              f"(finish it with autoencoders.py --resume)")
+    return ae_path, autoencoder, ae_meta
+
+
+def build_model(args, latent_dim, device):
+    """(model_args, the LatentDenoiser, its EMA, Adam, what training calls: the model, compiled with --compile),
+    the weights drawn from --seed."""
+    torch.manual_seed(args.seed)
+    model_args = {"latent_dim": latent_dim, "hidden_dim": args.hidden_dim, "num_blocks": args.num_blocks}
+    model = LatentDenoiser(**model_args).to(device)
+    ema = common.EMA(model, args.ema_decay)
+    # fused: one kernel for the whole update instead of a dozen per tensor; this MLP's steps are short enough
+    # on a CPU that the optimiser's overhead shows (about 20% of a step at batch 128)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))
+    forward = torch.compile(model) if args.compile else model
+    return model_args, model, ema, optimizer, forward
+
+
+def open_run(args, config, run_dir, resumable, model, ema, optimizer, generator):
+    """(progress, the RunLogger): a new run's progress, or the stopped run's restored from its last.pt into model,
+    EMA, optimiser and generator (and its best.pt repaired); config.json written, the logs cut back to the
+    checkpoint."""
+    last_path, best_path = os.path.join(run_dir, "checkpoints", "last.pt"), os.path.join(run_dir, "checkpoints", "best.pt")
+    progress = {"epoch": 0, "batch_index": 0, "step": 0, "elapsed": 0.0, "best_epoch": 0, "best_val": float("inf"),
+                "epochs_without_improvement": 0}          # saved with every checkpoint, restored on resume
+    if resumable:
+        state = common.load_checkpoint(last_path, script=SCRIPT, kinds={KIND})
+        common.restore_training_state(state, last_path, model, ema, optimizer, generator)
+        progress = {key: state[key] for key in progress}
+        print(f"resuming {run_dir} at epoch {progress['epoch']}, step {progress['step']}")
+        repair_best_checkpoint(state, last_path, best_path)
+    print(f"run directory: {run_dir}")
+    common.write_json(os.path.join(run_dir, "config.json"), config)
+    logger = common.RunLogger(os.path.join(run_dir, "logs"), config, args.wandb, name=os.path.basename(run_dir),
+                              resume=resumable)
+    if resumable:
+        logger.truncate_after(progress["step"])  # the steps after the checkpoint are logged again by this run
+    return progress, logger
+
+
+def validation_set(validation_z, seed, T, device):
+    """(validation latents (V, D), t (V,), noise (V, D)): fixed noise, so that the EMA model's eps-MSE on the
+    validation latents is comparable across epochs."""
+    validation_generator = torch.Generator().manual_seed(seed + 1)
+    t = torch.randint(1, T + 1, (len(validation_z),), generator=validation_generator).to(device)
+    noise = torch.randn(validation_z.shape, generator=validation_generator).to(device)
+    return validation_z, t, noise
+
+
+def validate_epoch(ema, process, validation, progress, last_loss, args, logger):
+    """The EMA model's validation eps-MSE after epoch progress['epoch'], logged and printed, and the best epoch
+    (and early stopping's count) updated in progress; returns whether it improved on the best."""
+    epoch = progress["epoch"]
+    val = validation_loss(ema.model, process, *validation)
+    improved = val < progress["best_val"]
+    if improved:
+        progress.update(best_val=val, best_epoch=epoch, epochs_without_improvement=0)
+    else:
+        progress["epochs_without_improvement"] += 1
+    logger.log({"val/eps_mse_ema": val, "progress/epoch": epoch, "time/elapsed_s": progress["elapsed"]},
+               step=progress["step"])
+    print(f"epoch {epoch}/{args.epochs}: train loss {last_loss:.4f}, validation eps-MSE (EMA) {val:.4f} "
+          f"({progress['elapsed']:.0f} s)")
+    return improved
+
+
+def save_sample_grid(name, count, ema, process, stats, autoencoder, run_dir, args, logger, progress):
+    """`count` decoded samples of the EMA model (DPM-Solver++, 20 steps) as samples/<name>, logged at the current
+    step; returns the path."""
+    z = sample_latents(ema.model, process, stats, count, "dpmpp", min(20, args.T), seed=args.seed, device=stats["mean"].device)
+    path = common.save_image_grid(os.path.join(run_dir, "samples", name), decode_latents(autoencoder, z, stats), nrow=8)
+    logger.log_image(f"samples/{name}", path, caption=f"epoch {progress['epoch']}, DPM-Solver++ 20 steps",
+                     step=progress["step"])
+    return path
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["generate"]:
@@ -432,13 +516,7 @@ def main(argv=None):
     common.prepare_outdir(args.outdir)
     process = common.gaussian_process(args.T, "linear", args.beta_start, args.beta_end)
 
-    # autoencoder: kind and constructor args come from its checkpoint's metadata
-    ae_path = os.path.abspath(args.ae_ckpt or autoencoders.find_autoencoder_checkpoint(args.ae_ckpt_dir))
-    autoencoder, ae_meta = autoencoders.load_autoencoder(ae_path, device)
-    print(f"autoencoder: {ae_meta['kind']} {ae_meta['args']} from {ae_path}")
-    if ae_meta.get("finished") is False:
-        print(f"note: this autoencoder is {autoencoders.checkpoint_status(ae_meta)}; its latent space may be poor "
-              f"(finish it with autoencoders.py --resume)")
+    ae = ae_path, autoencoder, ae_meta = open_autoencoder(args, device)
 
     # data: full dataset as tensors, encoded once (cached); a fixed validation split carved from train;
     # latents normalised per dimension with the training split's statistics
@@ -450,14 +528,7 @@ def main(argv=None):
     classifier = common.load_mnist_classifier(data, args.data_dir, device) if eval_samples else None  # before training
 
     # model, optimiser, EMA
-    torch.manual_seed(args.seed)
-    model_args = {"latent_dim": latent_dim, "hidden_dim": args.hidden_dim, "num_blocks": args.num_blocks}
-    model = LatentDenoiser(**model_args).to(device)
-    ema = common.EMA(model, args.ema_decay)
-    # fused: one kernel for the whole update instead of a dozen per tensor; this MLP's steps are short enough
-    # on a CPU that the optimiser's overhead shows (about 20% of a step at batch 128)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))
-    forward = torch.compile(model) if args.compile else model
+    model_args, model, ema, optimizer, forward = build_model(args, latent_dim, device)
     print(f"latent denoiser: {common.count_parameters(model):,} parameters; {len(train_z)} training latents of dim "
           f"{latent_dim}, {len(validation_z)} validation latents (held out from train)")
 
@@ -475,40 +546,15 @@ def main(argv=None):
 
     # training randomness (batch order aside) comes from one generator whose state is checkpointed
     generator = torch.Generator().manual_seed(args.seed)
-    steps_per_epoch = (len(train_z) + args.batch_size - 1) // args.batch_size
-    total_steps = args.epochs * steps_per_epoch
+    total_steps = args.epochs * ((len(train_z) + args.batch_size - 1) // args.batch_size)
 
-    progress = {"epoch": 0, "batch_index": 0, "step": 0, "elapsed": 0.0, "best_epoch": 0, "best_val": float("inf"),
-                "epochs_without_improvement": 0}          # saved with every checkpoint, restored on resume
-    if resumable:
-        state = common.load_checkpoint(last_path, script=SCRIPT, kinds={KIND})
-        common.restore_training_state(state, last_path, model, ema, optimizer, generator)
-        progress = {key: state[key] for key in progress}
-        print(f"resuming {run_dir} at epoch {progress['epoch']}, step {progress['step']}")
-        repair_best_checkpoint(state, last_path, best_path)
-    print(f"run directory: {run_dir}")
-    common.write_json(os.path.join(run_dir, "config.json"), config)
-    logger = common.RunLogger(os.path.join(run_dir, "logs"), config, args.wandb, name=os.path.basename(run_dir),
-                              resume=resumable)
-    if resumable:
-        logger.truncate_after(progress["step"])  # the steps after the checkpoint are logged again by this run
-
-    # fixed validation noise: the EMA model's eps-MSE on the validation latents is comparable across epochs
-    validation_generator = torch.Generator().manual_seed(args.seed + 1)
-    val_t = torch.randint(1, args.T + 1, (len(validation_z),), generator=validation_generator).to(device)
-    val_noise = torch.randn(validation_z.shape, generator=validation_generator).to(device)
+    progress, logger = open_run(args, config, run_dir, resumable, model, ema, optimizer, generator)
+    validation = validation_set(validation_z, args.seed, args.T, device)
 
     def save(path):
         common.save_checkpoint(path, {**common.training_state(model, ema, optimizer, generator), **progress,
                                       "latent_stats": {key: value.cpu() for key, value in stats.items()},
                                       "config": config, "meta": meta})
-
-    def sample_grid(name, count):
-        z = sample_latents(ema.model, process, stats, count, "dpmpp", min(20, args.T), seed=args.seed, device=device)
-        path = common.save_image_grid(os.path.join(run_dir, "samples", name), decode_latents(autoencoder, z, stats), nrow=8)
-        logger.log_image(f"samples/{name}", path, caption=f"epoch {progress['epoch']}, DPM-Solver++ 20 steps",
-                         step=progress["step"])
-        return path
 
     # training loop: eps-prediction MSE (Ho et al. 2020, Alg. 1) on normalised latents, validated every epoch
     stop = common.StopSignal()
@@ -523,19 +569,10 @@ def main(argv=None):
                 print(f"{stop.received} received: saved {last_path} at step {progress['step']}; rerun with --auto-resume")
                 logger.finish()  # the W&B run is continued by the resumed run (same id)
                 return
-            epoch = progress["epoch"]
-            val = validation_loss(ema.model, process, validation_z, val_t, val_noise)
-            improved = val < progress["best_val"]
-            if improved:
-                progress.update(best_val=val, best_epoch=epoch, epochs_without_improvement=0)
-            else:
-                progress["epochs_without_improvement"] += 1
-            logger.log({"val/eps_mse_ema": val, "progress/epoch": epoch, "time/elapsed_s": progress["elapsed"]},
-                       step=progress["step"])
-            print(f"epoch {epoch}/{args.epochs}: train loss {last_loss:.4f}, validation eps-MSE (EMA) {val:.4f} "
-                  f"({progress['elapsed']:.0f} s)")
+            improved = validate_epoch(ema, process, validation, progress, last_loss, args, logger)
             if args.generate_images:
-                sample_grid(f"epoch-{epoch:03d}.png", args.samples_per_epoch)
+                save_sample_grid(f"epoch-{progress['epoch']:03d}.png", args.samples_per_epoch, ema, process, stats,
+                                 autoencoder, run_dir, args, logger, progress)
             save(last_path)
             if improved:  # a kill between these two writes is repaired on resume (repair_best_checkpoint)
                 save(best_path)
@@ -544,22 +581,30 @@ def main(argv=None):
                 break
     finally:
         stop.close()
-    epoch, step, elapsed, best_val, best_epoch = (progress[key] for key in ("epoch", "step", "elapsed", "best_val", "best_epoch"))
+    return final_evaluation(args, run_dir, data, splits, classifier, eval_samples, ae, ema, process, stats, progress,
+                            logger, device)
 
-    # evaluation of the final EMA model: everything beside its reference
-    results = {"run_dir": run_dir, "dataset": data["name"], "only_digit": args.only_digit, "epochs": epoch,
-               "steps": step, "train_time_s": elapsed, "best_val_eps_mse": best_val, "best_epoch": best_epoch,
+
+def final_evaluation(args, run_dir, data, splits, classifier, eval_samples, ae, ema, process, stats, progress, logger,
+                     device):
+    """The final EMA model's grid and evaluation, everything beside its reference (ae: the autoencoder's path,
+    model and metadata), in results.json and the W&B summary; returns the results."""
+    ae_path, autoencoder, ae_meta = ae
+    results = {"run_dir": run_dir, "dataset": data["name"], "only_digit": args.only_digit, "epochs": progress["epoch"],
+               "steps": progress["step"], "train_time_s": progress["elapsed"], "best_val_eps_mse": progress["best_val"],
+               "best_epoch": progress["best_epoch"],
                "autoencoder": {"checkpoint": ae_path, "kind": ae_meta["kind"], "finished": ae_meta.get("finished"),
                                "test_reconstruction_mse": autoencoders.reconstruction_mse(autoencoder, data["x_test"])}}
     print(f"AE test reconstruction MSE {results['autoencoder']['test_reconstruction_mse']:.5f}")
-    results["samples_png"] = sample_grid("final.png", 64)
+    results["samples_png"] = save_sample_grid("final.png", 64, ema, process, stats, autoencoder, run_dir, args, logger,
+                                              progress)
     if eval_samples:
         results["evaluation"] = evaluate_samples(
             ema.model, process, autoencoder, stats, splits, classifier, args.only_digit, eval_samples,
             args.eval_sampler, args.eval_steps, args.seed, device, progress=not args.no_progress,
             ae_reconstruction_mse=results["autoencoder"]["test_reconstruction_mse"])
     common.write_json(os.path.join(run_dir, "results.json"), results)
-    logger.log({f"final/{k}": v for k, v in flatten(results).items() if isinstance(v, (int, float))}, step=step)
+    logger.log({f"final/{k}": v for k, v in flatten(results).items() if isinstance(v, (int, float))}, step=progress["step"])
     logger.finish(flatten(results))
     print(f"wrote {os.path.join(run_dir, 'results.json')}")
     return results

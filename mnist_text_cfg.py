@@ -875,6 +875,47 @@ def save_sample_grid(path, ema, process, table, null_id, args, device, logger, p
                      step=progress["step"])
 
 
+def train_epoch(network, model, ema, optimizer, process, table, snr_weight, generator, train_x, train_y, null_id,
+                progress, step_limit, started, args, rank, world_size, logger, stop, last_checkpoint):
+    """Train epoch progress['epoch'] on from batch progress['batch_index'], in an order fixed by the seed and the
+    epoch, until its end, a quick evaluation falling due, a stop requested on any rank or the planned steps done;
+    progress['step'], ['batch_index'], ['elapsed'] and ['total_steps'] advance (the caller ends the epoch). Every
+    rank returns at the same step: (the last loss, the stop signal's name or None, whether an evaluation is due).
+    The clock, started at `started`, counts training only."""
+    global_batch, device = args.batch_size * world_size, train_x.device
+    steps_per_epoch = len(train_x) // global_batch  # the remainder of each shuffled epoch is dropped
+    model.train()
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed * 1000 + progress["epoch"]))
+    order = order.to(device)
+    bar = tqdm(range(progress["batch_index"], steps_per_epoch), desc=f"epoch {progress['epoch'] + 1}",
+               disable=args.no_progress or rank != 0, mininterval=1.0, leave=False)
+    window_start, window_step = time.time(), progress["step"]
+    last_loss, stop_seen, evaluation_due = float("nan"), None, False
+    for batch_index in bar:
+        batch = draw_batch(generator, args, order, batch_index, global_batch, rank, train_x, train_y, null_id, device)
+        lr = learning_rate(progress["step"], args.lr, args.warmup_steps, progress["total_steps"])
+        last_loss, grad_norm = train_step(network, model, ema, optimizer, process, table, batch, args, lr, snr_weight,
+                                          f"step {progress['step']}", last_checkpoint)
+        step = progress["step"] = progress["step"] + 1
+        progress["batch_index"] = batch_index + 1
+        bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
+        if step % args.log_every == 0 or step == progress["total_steps"]:
+            now = time.time()
+            progress["elapsed"] = now - started
+            progress["total_steps"] = plan_total_steps(progress, args.max_minutes, step_limit, world_size)
+            if logger is not None:
+                rate = (step - window_step) / max(now - window_start, 1e-9)
+                logger.log(progress_record(progress, args, last_loss, grad_norm, rate, global_batch, steps_per_epoch,
+                                           device), step=step)
+            window_start, window_step = time.time(), step
+        evaluation_due = bool(args.eval_every and step % args.eval_every == 0 and args.eval_samples)
+        stop_seen = stop_requested(stop, world_size, device)
+        if evaluation_due or stop_seen or step >= progress["total_steps"]:
+            break
+    progress["elapsed"] = time.time() - started
+    return last_loss, stop_seen, evaluation_due
+
+
 def train(args, rank, world_size, device):
     is_main = rank == 0
     common.seed_everything(args.seed)
@@ -914,16 +955,7 @@ def train(args, rank, world_size, device):
     epoch_limit = args.epochs * steps_per_epoch if args.epochs else None
     step_limit = min(v for v in (epoch_limit, args.max_steps, 10**12) if v)
     progress = {"epoch": 0, "batch_index": 0, "step": 0, "elapsed": 0.0, "total_steps": step_limit}
-    if existing:
-        progress = resume_from(existing[-1], config, model, ema, optimizer, generator)
-        if is_main:
-            print(f"resuming from {existing[-1]} at epoch {progress['epoch']}, step {progress['step']}")
-    if is_main:
-        common.write_json(os.path.join(args.outdir, "config.json"), config)
-    logger = common.RunLogger(args.outdir, config, args.wandb, name=os.path.basename(os.path.abspath(args.outdir)),
-                              resume=bool(existing)) if is_main else None
-    if logger is not None and existing:
-        logger.truncate_after(progress["step"])  # the steps after the checkpoint are logged again by this run
+    progress, logger = open_run(args, config, existing, progress, model, ema, optimizer, generator, is_main)
     last_checkpoint = existing[-1] if existing else "none"
 
     def checkpoint(name, keep=True):   # rank 0 writes everything needed to resume
@@ -939,45 +971,17 @@ def train(args, rank, world_size, device):
 
     # training loop, with caption dropout for CFG. The clock (progress["elapsed"], --max-minutes, images/s)
     # counts training only: quick evaluations, grids and checkpoints are paused out of it
-    stop, stop_seen = common.StopSignal(), None
-    started = time.time() - progress["elapsed"]
-    window_start, window_step = time.time(), progress["step"]
-    last_loss, grad_norm = float("nan"), torch.zeros(())
+    stop = common.StopSignal()
+    last_loss = float("nan")
     try:
         while progress["step"] < progress["total_steps"] and (not args.epochs or progress["epoch"] < args.epochs):
-            model.train()
-            order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed * 1000 + progress["epoch"]))
-            order = order.to(device)
-            bar = tqdm(range(progress["batch_index"], steps_per_epoch), desc=f"epoch {progress['epoch'] + 1}",
-                       disable=args.no_progress or not is_main, mininterval=1.0, leave=False)
-            for batch_index in bar:
-                batch = draw_batch(generator, args, order, batch_index, global_batch, rank, train_x, train_y, null_id, device)
-                lr = learning_rate(progress["step"], args.lr, args.warmup_steps, progress["total_steps"])
-                last_loss, grad_norm = train_step(network, model, ema, optimizer, process, table, batch, args, lr,
-                                                  snr_weight, f"step {progress['step']}", last_checkpoint)
-                progress["step"] += 1
-                progress["batch_index"] = batch_index + 1
-                step = progress["step"]
-                bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
-                if step % args.log_every == 0 or step == progress["total_steps"]:
-                    now = time.time()
-                    progress["elapsed"] = now - started
-                    progress["total_steps"] = plan_total_steps(progress, args.max_minutes, step_limit, world_size)
-                    if is_main:
-                        rate = (step - window_step) / max(now - window_start, 1e-9)
-                        logger.log(progress_record(progress, args, last_loss, grad_norm, rate, global_batch,
-                                                   steps_per_epoch, device), step=step)
-                    window_start, window_step = time.time(), step
-                if args.eval_every and step % args.eval_every == 0 and args.eval_samples and is_main:
-                    paused = time.time()
-                    evaluator = evaluator or make_evaluator(args, data, device)
-                    quick_evaluation(evaluator, ema, process, table, null_id, args, logger, step, last_loss)
-                    started, window_start = (clock + time.time() - paused for clock in (started, window_start))
-                stop_seen = stop_seen or stop_requested(stop, world_size, device)
-                if stop_seen or step >= progress["total_steps"]:
-                    break
-            progress["elapsed"] = time.time() - started
-            stop_seen = stop_seen or stop_requested(stop, world_size, device)
+            last_loss, stop_seen, evaluation_due = train_epoch(
+                network, model, ema, optimizer, process, table, snr_weight, generator, train_x, train_y, null_id,
+                progress, step_limit, time.time() - progress["elapsed"], args, rank, world_size, logger, stop,
+                last_checkpoint)   # the clock restarts here: what happens between calls is paused out of it
+            if evaluation_due and is_main:
+                evaluator = evaluator or make_evaluator(args, data, device)
+                quick_evaluation(evaluator, ema, process, table, null_id, args, logger, progress["step"], last_loss)
             if stop_seen:
                 path = checkpoint(f"ckpt-{progress['step']:08d}.pt")
                 if is_main:
@@ -985,29 +989,55 @@ def train(args, rank, world_size, device):
                     logger.finish()
                 return None
             if progress["batch_index"] >= steps_per_epoch:
-                paused = time.time()
                 progress["epoch"], progress["batch_index"] = progress["epoch"] + 1, 0
                 if is_main:
-                    print(f"epoch {progress['epoch']}: step {progress['step']}, loss {last_loss:.4f}, "
-                          f"{progress['elapsed']:.0f} s", flush=True)
-                    if args.grid_columns:
-                        save_sample_grid(os.path.join(args.outdir, "samples", f"epoch-{progress['epoch']:03d}.png"),
-                                         ema, process, table, null_id, args, device, logger, progress)
+                    report_epoch(progress, last_loss, args, ema, process, table, null_id, device, logger)
                 last_checkpoint = checkpoint(f"ckpt-{progress['step']:08d}.pt") or last_checkpoint
-                started, window_start = (clock + time.time() - paused for clock in (started, window_start))
     finally:
         stop.close()
-    train_seconds = progress["elapsed"]
     if not is_main:
         return None
-
-    # final checkpoint and evaluation of the EMA model, everything beside its real-data reference
     final_path = checkpoint("final.pt", keep=False)
+    return final_evaluation(args, data, len(train_x), steps_per_epoch, global_batch, parameters, progress, final_path,
+                            evaluator, ema, process, table, null_id, logger, device)
+
+
+def open_run(args, config, existing, progress, model, ema, optimizer, generator, is_main):
+    """(progress, the RunLogger on rank 0 else None): a fresh run's progress, or the newest checkpoint's restored
+    into model, EMA, optimiser and generator; config.json written and the logs cut back to the checkpoint."""
+    if existing:
+        progress = resume_from(existing[-1], config, model, ema, optimizer, generator)
+        if is_main:
+            print(f"resuming from {existing[-1]} at epoch {progress['epoch']}, step {progress['step']}")
+    if not is_main:
+        return progress, None
+    common.write_json(os.path.join(args.outdir, "config.json"), config)
+    logger = common.RunLogger(args.outdir, config, args.wandb, name=os.path.basename(os.path.abspath(args.outdir)),
+                              resume=bool(existing))
+    if existing:
+        logger.truncate_after(progress["step"])  # the steps after the checkpoint are logged again by this run
+    return progress, logger
+
+
+def report_epoch(progress, last_loss, args, ema, process, table, null_id, device, logger):
+    """The end-of-epoch line and, with --grid-columns, the epoch's sample grid."""
+    print(f"epoch {progress['epoch']}: step {progress['step']}, loss {last_loss:.4f}, {progress['elapsed']:.0f} s",
+          flush=True)
+    if args.grid_columns:
+        save_sample_grid(os.path.join(args.outdir, "samples", f"epoch-{progress['epoch']:03d}.png"), ema, process,
+                         table, null_id, args, device, logger, progress)
+
+
+def final_evaluation(args, data, train_size, steps_per_epoch, global_batch, parameters, progress, final_path,
+                     evaluator, ema, process, table, null_id, logger, device):
+    """The final grid and evaluation of the EMA model, everything beside its real-data reference, in results.json
+    and the W&B summary; returns the results."""
+    train_seconds = progress["elapsed"]
     print(f"trained {progress['step']} steps in {train_seconds:.0f} s; saved {final_path}")
     if args.grid_columns:
         save_sample_grid(os.path.join(args.outdir, "samples", "final.png"), ema, process, table, null_id, args, device,
                          logger, progress)
-    results = {"dataset": data["name"], "train_size": len(train_x), "steps": progress["step"],
+    results = {"dataset": data["name"], "train_size": train_size, "steps": progress["step"],
                "epochs": progress["epoch"] + progress["batch_index"] / steps_per_epoch, "train_seconds": train_seconds,
                "images_per_second": progress["step"] * global_batch / max(train_seconds, 1e-9),
                "parameters": parameters, "text_encoder": args.text_encoder, "checkpoint": final_path}

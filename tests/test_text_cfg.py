@@ -346,11 +346,15 @@ def test_generate_writes_the_raw_images_to_npz(minilm_run, data_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # resume, signals, several processes
 
+class StopAfter4(helpers.StopAfter):
+    polls_left = 4   # the training loop polls once a step: SIGTERM after step 5, mid-epoch 2 (3 steps each)
+
+
 def test_resume_after_preemption_reproduces_uninterrupted_run(tmp_path, data_dir, monkeypatch):
     args = lambda name, *extra: tiny_args(tmp_path / name, data_dir, "--text-encoder", "class", "--epochs", "3",
                                           "--limit-train-images", "48", *extra)
     straight = script.main(args("straight"))
-    monkeypatch.setattr(common, "StopSignal", helpers.StopAfter)
+    monkeypatch.setattr(common, "StopSignal", StopAfter4)
     assert script.main(args("interrupted")) is None
     saved = sorted(os.listdir(tmp_path / "interrupted" / "checkpoints"))
     assert saved == ["ckpt-00000003.pt", "ckpt-00000005.pt"]  # end of epoch 1, then stopped mid-epoch 2 (3 steps each)
