@@ -633,6 +633,65 @@ def evaluate_config(ema_model, process, data, args, device, linear, classifier, 
     }
 
 
+def build_model(process, args, seed, total_steps, device):
+    """(the Denoiser, its EMA, AdamW, the learning-rate schedule: linear warm-up, then cosine decay to 0 at
+    total_steps), the weights drawn from `seed`."""
+    torch.manual_seed(seed)
+    model = Denoiser(process, args.width).to(device)
+    ema = common.EMA(model, args.ema_decay)
+    # fused: one kernel for all parameters; the per-tensor loop costs ~4 ms a step on 2 CPU cores (7% of an implicit step)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type in ("cpu", "cuda"))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps))
+                                                 * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    return model, ema, optimizer, schedule
+
+
+def resume_from(checkpoint_path, args, name, model, ema, optimizer, schedule, generator):
+    """Restore a stopped config's training state into model, EMA, optimiser, schedule and generator, after
+    checking that the settings that change its numbers agree; returns its progress dict."""
+    checkpoint = common.load_checkpoint(checkpoint_path, script=SCRIPT, kinds={name})
+    mismatch = identity_mismatch(checkpoint.get("identity"), args, checkpoint_path)
+    if mismatch:
+        raise mismatch
+    common.restore_training_state(checkpoint, checkpoint_path, model, ema, optimizer, generator)
+    schedule.load_state_dict(checkpoint["lr_schedule"])
+    return checkpoint["progress"]
+
+
+def train_step(train_model, model, ema, optimizer, schedule, process, args, loss_kind, semi_implicit, x0, y, generator,
+               where, checkpoint_path):
+    """One optimiser step on training_losses; returns (the loss as a float, its parts, the gradient norm before
+    clipping)."""
+    with common.autocast(x0.device):
+        loss, parts = training_losses(train_model, process, args, loss_kind, semi_implicit, x0, y, generator)
+    loss_value = common.finite_loss(loss, where, checkpoint_path)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    optimizer.step()
+    schedule.step()
+    ema.update(model)
+    return loss_value, parts, grad_norm
+
+
+def training_curves(history):
+    """The per-epoch mean training loss, its convergence figures and the per-epoch means of its parts."""
+    train_loss = [epoch_means["loss"] for epoch_means in history]
+    convergence_rate, epochs_to_90pct = convergence(train_loss)
+    return {"convergence_rate": convergence_rate, "epochs_to_90pct": epochs_to_90pct, "train_loss": train_loss,
+            "train_components": {k: [e[k] for e in history] for k in history[0] if k != "loss"} if history else {}}
+
+
+def end_epoch(state, steps_per_epoch, started, logger, record, step):
+    """Close the epoch in state: its mean losses go to the history (and, beside `record`, to the log at `step`),
+    the running sums are reset and the training clock, started at `started`, is saved."""
+    means = {key: value / steps_per_epoch for key, value in state["running"].items()}
+    state["history"].append(means)
+    state.update(epoch=record["epoch"], step_in_epoch=0, running={}, runtime_s=time.time() - started)
+    logger.log({**record, "train/loss": means["loss"], **{f"train/{k}": v for k, v in means.items() if k != "loss"}},
+               step=step)
+
+
 def run_config(name, seed, args, data, classifier, reference_features, device, stop, logger_args, linear):
     """Train one config with one seed (resumable), evaluate it against its process's linear denoiser
     (`linear`, from linear_reference), generate; write and return its result."""
@@ -646,28 +705,15 @@ def run_config(name, seed, args, data, classifier, reference_features, device, s
         return load_finished_result(result_path, args, f"[{name} seed {seed}]")
 
     process = common.make_process(noise, args.T, args.schedule)
-    torch.manual_seed(seed)
-    model = Denoiser(process, args.width).to(device)
-    ema = common.EMA(model, args.ema_decay)
-    # fused: one kernel for all parameters; the per-tensor loop costs ~4 ms a step on 2 CPU cores (7% of an implicit step)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type in ("cpu", "cuda"))
     x, y = data["x"].to(device), data["y"].to(device)
     steps_per_epoch = math.ceil(len(x) / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps))
-                                                 * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    model, ema, optimizer, schedule = build_model(process, args, seed, total_steps, device)
     generator = torch.Generator().manual_seed(seed)
     state = {"epoch": 0, "step_in_epoch": 0, "history": [], "running": {}, "runtime_s": 0.0}
-    resumed = False
-    if args.resume and os.path.exists(checkpoint_path):
-        checkpoint = common.load_checkpoint(checkpoint_path, script=SCRIPT, kinds={name})
-        mismatch = identity_mismatch(checkpoint.get("identity"), args, checkpoint_path)
-        if mismatch:
-            raise mismatch
-        common.restore_training_state(checkpoint, checkpoint_path, model, ema, optimizer, generator)
-        schedule.load_state_dict(checkpoint["lr_schedule"])
-        state = checkpoint["progress"]
-        resumed = True
+    resumed = args.resume and os.path.exists(checkpoint_path)
+    if resumed:
+        state = resume_from(checkpoint_path, args, name, model, ema, optimizer, schedule, generator)
         print(f"[{name} seed {seed}] resuming at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
     elif args.resume:
         print(f"[{name} seed {seed}] --resume: nothing to resume in {run_dir} (no checkpoint); starting from scratch")
@@ -695,27 +741,17 @@ def run_config(name, seed, args, data, classifier, reference_features, device, s
         # the epoch's permutation depends only on (seed, epoch), so a resumed run sees the same batches
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).to(device)
         batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-        with common.autocast(device):
-            loss, parts = training_losses(train_model, process, args, loss_kind, semi_implicit, x[batch], y[batch], generator)
-        loss_value = common.finite_loss(loss, f"[{name}] epoch {epoch + 1} step {step}", checkpoint_path)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        schedule.step()
-        ema.update(model)
+        loss_value, parts, grad_norm = train_step(train_model, model, ema, optimizer, schedule, process, args, loss_kind,
+                                                  semi_implicit, x[batch], y[batch], generator,
+                                                  f"[{name}] epoch {epoch + 1} step {step}", checkpoint_path)
         for key, value in {"loss": loss_value, **parts}.items():
             state["running"][key] = state["running"].get(key, 0.0) + value
         state["step_in_epoch"] = step + 1
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         if step + 1 == steps_per_epoch:
-            means = {key: value / steps_per_epoch for key, value in state["running"].items()}
-            state["history"].append(means)
-            state.update(epoch=epoch + 1, step_in_epoch=0, running={}, runtime_s=time.time() - started)
-            logger.log({"config": name, "seed": seed, "epoch": epoch + 1, "train/loss": means["loss"],
-                        **{f"train/{k}": v for k, v in means.items() if k != "loss"},
-                        "train/lr": schedule.get_last_lr()[0], "train/grad_norm": grad_norm.item()}, step=global_step + 1)
+            end_epoch(state, steps_per_epoch, started, logger, {"config": name, "seed": seed, "epoch": epoch + 1,
+                      "train/lr": schedule.get_last_lr()[0], "train/grad_norm": grad_norm.item()}, global_step + 1)
             save()
         if stop.received:
             state["runtime_s"] = time.time() - started
@@ -726,26 +762,27 @@ def run_config(name, seed, args, data, classifier, reference_features, device, s
             sys.exit(0)
     runtime = time.time() - started
 
-    train_loss = [epoch_means["loss"] for epoch_means in state["history"]]
-    convergence_rate, epochs_to_90pct = convergence(train_loss)
     result = {
         "name": name, "loss": loss_kind, "noise": noise, "training": training, "seed": seed,
         **evaluate_config(ema.model.eval(), process, data, args, device, linear, classifier, reference_features, seed),
-        "runtime_s": runtime, "convergence_rate": convergence_rate, "epochs_to_90pct": epochs_to_90pct,
-        "train_loss": train_loss,
-        "train_components": {k: [e[k] for e in state["history"]] for k in state["history"][0] if k != "loss"} if state["history"] else {},
-        "parameters": common.count_parameters(model),
+        "runtime_s": runtime, **training_curves(state["history"]), "parameters": common.count_parameters(model),
         "identity": run_identity(args),
     }
     common.write_json(result_path, result)  # first: a kill after it cannot make a resumed run log the test record twice
     logger.log({"config": name, "seed": seed, **{f"test/{k}": v for k, v in result.items()
                                                    if isinstance(v, float)}}, step=total_steps)
     logger.finish(result)
-    fd = f"{result['sample_fd']:.2f}" if result["sample_fd"] is not None else f"n/a ({result['sample_fd_unavailable']})"
-    print(f"[{name} seed {seed}] test mse fwd {result['test_mse_forward']:.4f} ({result['linear_ratio']:.3f} x linear, "
-          f"{result['linear_ratio_band']:.3f} x in the mid-noise band) inv {result['test_mse_inverse']:.4f} "
-          f"kl {result['test_kl']:.3f} | samples FD {fd} acc {result['sample_accuracy']:.3f} | {runtime:.0f}s")
+    print_result(result)
     return result
+
+
+def print_result(result):
+    """One config and seed's line: its test MSEs against the linear denoiser, KL, sample FD and accuracy."""
+    fd = f"{result['sample_fd']:.2f}" if result["sample_fd"] is not None else f"n/a ({result['sample_fd_unavailable']})"
+    print(f"[{result['name']} seed {result['seed']}] test mse fwd {result['test_mse_forward']:.4f} "
+          f"({result['linear_ratio']:.3f} x linear, {result['linear_ratio_band']:.3f} x in the mid-noise band) "
+          f"inv {result['test_mse_inverse']:.4f} kl {result['test_kl']:.3f} | samples FD {fd} "
+          f"acc {result['sample_accuracy']:.3f} | {result['runtime_s']:.0f}s")
 
 
 # ----------------------------------------------------------------------------------------------
