@@ -1194,6 +1194,46 @@ def train_epoch(model, ema, optimizer, train, noise, sigmas, sigma_data, generat
     return last_loss, None
 
 
+def prepare_data(args, device):
+    """(the functions' dict, the Gaussian-random-field noise, the noise levels sigma (L,) float64 on the CPU, the
+    scoring dict with the real-vs-real floors, printed)."""
+    data = load_functions(args.dataset, args.resolution, args.crop, args.n_functions, args.val_size, args.data_dir, args.seed)
+    noise = GaussianNoise(data["train"].shape[-1], args.noise, args.kernel, args.rbf_scale, args.rbf_eps, device)
+    if noise.clipped_share > 1e-6:
+        print(f"noise: the circulant embedding clipped {noise.clipped_share:.2e} of its spectrum (negative eigenvalues)")
+    sigmas = geometric_sigmas(args.sigma_1, args.sigma_L, args.L)
+    scoring = prepare_scoring(data, args.Ntest, args.data_dir, device)
+    floor = scoring["floor"]
+    print(f"real-vs-real floor ({scoring['count']} real functions not trained on vs train, mean +- std of 4 sets): "
+          + ", ".join(f"{key} {floor[key]:.4g} +- {scoring['spread'][key]:.2g}" for key in floor))
+    return data, noise, sigmas, scoring
+
+
+def build_model(args, grid, sigma_data, device):
+    """(model_args, the ScoreFNO, its EMA, Adam), the weights drawn from --seed."""
+    torch.manual_seed(args.seed)
+    model_args = model_args_of(args, grid, sigma_data)
+    model = ScoreFNO(**model_args).to(device)
+    return model_args, model, common.EMA(model, args.ema_decay), torch.optim.Adam(model.parameters(), lr=args.lr)
+
+
+def open_run(args, run_dir, config, progress, model, ema, optimizer, generator):
+    """(progress, the RunLogger): a new run's progress, or with --resume the stopped run's restored from its
+    model.pt into model, EMA, optimiser and generator; config.json written, the logs cut back to the checkpoint."""
+    checkpoint_path = os.path.join(run_dir, "model.pt")
+    if os.path.isfile(checkpoint_path) and not args.resume:
+        raise UserError(f"{checkpoint_path} exists; pass --resume to continue that run, or pick another --outdir")
+    if args.resume:
+        progress = resume_from(checkpoint_path, config, model, ema, optimizer, generator)
+        print(f"resuming {run_dir} at epoch {progress['epoch']}, step {progress['step']}")
+    print(f"run directory: {run_dir}")
+    common.write_json(os.path.join(run_dir, "config.json"), config)
+    logger = common.RunLogger(run_dir, config, args.wandb, name=os.path.basename(run_dir), resume=args.resume)
+    if args.resume:
+        logger.truncate_after(progress["step"])  # the steps after the checkpoint are logged again by this run
+    return progress, logger
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["eval"]:
@@ -1206,26 +1246,14 @@ def main(argv=None):
     run_dir = common.prepare_outdir(run_directory(args))
     checkpoint_path = os.path.join(run_dir, "model.pt")
 
-    # data, noise, noise levels
-    data = load_functions(args.dataset, args.resolution, args.crop, args.n_functions, args.val_size, args.data_dir, args.seed)
+    # data, noise, noise levels, the real-vs-real floors
+    data, noise, sigmas, scoring = prepare_data(args, device)
     train = data["train"].to(device)
     size = train.shape[-1]
-    noise = GaussianNoise(size, args.noise, args.kernel, args.rbf_scale, args.rbf_eps, device)
-    if noise.clipped_share > 1e-6:
-        print(f"noise: the circulant embedding clipped {noise.clipped_share:.2e} of its spectrum (negative eigenvalues)")
-    sigmas = geometric_sigmas(args.sigma_1, args.sigma_L, args.L)          # (L,) float64, CPU
-    scoring = prepare_scoring(data, args.Ntest, args.data_dir, device)
-    floor = scoring["floor"]
-    print(f"real-vs-real floor ({scoring['count']} real functions not trained on vs train, mean +- std of 4 sets): "
-          + ", ".join(f"{key} {floor[key]:.4g} +- {scoring['spread'][key]:.2g}" for key in floor))
 
     # model, optimiser, EMA
-    torch.manual_seed(args.seed)
     sigma_data = round(float(data['train'].std()), 4)                    # per-channel std of the training functions
-    model_args = model_args_of(args, size, sigma_data)
-    model = ScoreFNO(**model_args).to(device)
-    ema = common.EMA(model, args.ema_decay)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    model_args, model, ema, optimizer = build_model(args, size, sigma_data, device)
     print(f"score FNO: {common.count_parameters(model):,} parameters; sigma embedding {'on' if model_args['sigma_embedding'] else 'OFF'}")
     config = {**vars(args), "run_dir": run_dir, "dataset_used": data["name"], "train_size": len(train),
               "held_out_size": len(data["held_out"]), "grid": size, "parameters": common.count_parameters(model)}
@@ -1235,16 +1263,7 @@ def main(argv=None):
     steps_per_epoch = (len(train) + args.batch_size - 1) // args.batch_size
     progress = {"epoch": 0, "batch_index": 0, "step": 0, "elapsed": 0.0,      # saved with every checkpoint
                 "best": {key: float("inf") for key in CHECKPOINT_METRICS}}
-    if os.path.isfile(checkpoint_path) and not args.resume:
-        raise UserError(f"{checkpoint_path} exists; pass --resume to continue that run, or pick another --outdir")
-    if args.resume:
-        progress = resume_from(checkpoint_path, config, model, ema, optimizer, generator)
-        print(f"resuming {run_dir} at epoch {progress['epoch']}, step {progress['step']}")
-    print(f"run directory: {run_dir}")
-    common.write_json(os.path.join(run_dir, "config.json"), config)
-    logger = common.RunLogger(run_dir, config, args.wandb, name=os.path.basename(run_dir), resume=args.resume)
-    if args.resume:
-        logger.truncate_after(progress["step"])  # the steps after the checkpoint are logged again by this run
+    progress, logger = open_run(args, run_dir, config, progress, model, ema, optimizer, generator)
     if not args.resume:
         save_setup_pictures(run_dir, noise, train[:1], args)
 
@@ -1289,17 +1308,22 @@ def main(argv=None):
                 break
     finally:
         stop.close()
-    epoch, step, elapsed, best = progress["epoch"], progress["step"], progress["elapsed"], progress["best"]
 
     # results: the final EMA model's metrics beside their real-vs-real floors
     if metrics is None:
         metrics, evaluations, seconds = record()
-    results = {"run_dir": run_dir, "dataset": data["name"], "grid": size, "epochs": epoch, "steps": step,
-               "train_time_s": elapsed, **metrics, "floor": floor, "floor_spread": scoring["spread"],
-               "floor_count": scoring["count"], "verdicts": verdicts(metrics, scoring), "best": best, "sampler": args.sampler,
-               "sampler_options": sampler_options(args), "evaluations_per_sample": evaluations,
-               "Ntest": args.Ntest, "sampling_s": seconds, "noise": args.noise, "kernel": args.kernel,
-               "sigma_embedding": model_args["sigma_embedding"]}
+    return write_results(run_dir, data, progress, metrics, evaluations, seconds, scoring, args, model_args, logger)
+
+
+def write_results(run_dir, data, progress, metrics, evaluations, seconds, scoring, args, model_args, logger):
+    """results.json: the final EMA model's metrics (sampled in `seconds` at `evaluations` network evaluations per
+    sample) beside their real-vs-real floors and the verdicts; the metrics also as W&B's summary."""
+    results = {"run_dir": run_dir, "dataset": data["name"], "grid": data["train"].shape[-1], "epochs": progress["epoch"],
+               "steps": progress["step"], "train_time_s": progress["elapsed"], **metrics, "floor": scoring["floor"],
+               "floor_spread": scoring["spread"], "floor_count": scoring["count"], "verdicts": verdicts(metrics, scoring),
+               "best": progress["best"], "sampler": args.sampler, "sampler_options": sampler_options(args),
+               "evaluations_per_sample": evaluations, "Ntest": args.Ntest, "sampling_s": seconds, "noise": args.noise,
+               "kernel": args.kernel, "sigma_embedding": model_args["sigma_embedding"]}
     common.write_json(os.path.join(run_dir, "results.json"), results)
     logger.finish({f"final/{key}": value for key, value in metrics.items() if key != "worst_metric"})
     print(f"wrote {os.path.join(run_dir, 'results.json')}")
