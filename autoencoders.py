@@ -309,6 +309,47 @@ def train_epoch(reconstruction_logits, model, optimizer, scheduler, train_x, pro
     return False
 
 
+def build_model(args, train_size, device):
+    """(the autoencoder's constructor args, the autoencoder, Adam, its cosine schedule over all steps, the
+    reconstruction logits function training calls: compiled with --compile)."""
+    constructor_args = {"latent_dim": args.latent_dim}
+    if args.model == "conv":
+        constructor_args["channels"] = list(args.channels)
+    model = build_autoencoder(args.model, **constructor_args).to(device)
+    print(f"{args.model} autoencoder: {common.count_parameters(model):,} parameters, latent dim {args.latent_dim}")
+    steps_per_epoch = (train_size + args.batch_size - 1) // args.batch_size
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
+    reconstruction_logits = lambda x: model.decode_logits(model.encode(x))  # (B, 1, 28, 28) -> logits, same shape
+    if args.compile:
+        reconstruction_logits = torch.compile(reconstruction_logits)
+    return constructor_args, model, optimizer, scheduler, reconstruction_logits
+
+
+def open_run(args, config, checkpoint_path, model, optimizer, scheduler):
+    """(progress, the RunLogger): a new run's progress, or with --resume the checkpoint's restored into model,
+    optimiser and schedule; config.json written, the logs cut back to the checkpoint."""
+    progress = {"epoch": 0, "batch_index": 0, "step": 0, "elapsed": 0.0}   # saved with every checkpoint
+    if args.resume and os.path.exists(checkpoint_path):
+        progress = resume_from(checkpoint_path, config, model, optimizer, scheduler)
+        print(f"resumed from {checkpoint_path} at epoch {progress['epoch']}, step {progress['step']}")
+    common.write_json(os.path.join(args.outdir, "config.json"), config)
+    logger = common.RunLogger(args.outdir, config, args.wandb, name=os.path.basename(os.path.normpath(args.outdir)),
+                              resume=bool(progress["step"]))
+    if progress["step"]:
+        logger.truncate_after(progress["step"])  # resumed: the steps after the checkpoint are logged again by this run
+    return progress, logger
+
+
+def evaluate_epoch(model, test_x, progress, args, logger):
+    """The test reconstruction MSE after epoch progress['epoch'], logged and printed; returns it."""
+    test_mse = reconstruction_mse(model, test_x)
+    logger.log({"test/reconstruction_mse": test_mse, "progress/epoch": progress["epoch"],
+                "time/elapsed_s": progress["elapsed"]}, step=progress["step"])
+    print(f"epoch {progress['epoch']}/{args.epochs}: test reconstruction MSE {test_mse:.5f} ({progress['elapsed']:.0f} s)")
+    return test_mse
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -324,31 +365,13 @@ def main(argv=None):
     train_x, test_x = data["x"], data["x_test"]  # (N, 1, 28, 28) in [0, 1]
     args.epochs = args.epochs or (10 if data["name"] == "mnist" else 100)
 
-    # model
-    constructor_args = {"latent_dim": args.latent_dim}
-    if args.model == "conv":
-        constructor_args["channels"] = list(args.channels)
-    model = build_autoencoder(args.model, **constructor_args).to(device)
-    print(f"{args.model} autoencoder: {common.count_parameters(model):,} parameters, latent dim {args.latent_dim}")
-    steps_per_epoch = (len(train_x) + args.batch_size - 1) // args.batch_size
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
-    reconstruction_logits = lambda x: model.decode_logits(model.encode(x))  # (B, 1, 28, 28) -> logits, same shape
-    if args.compile:
-        reconstruction_logits = torch.compile(reconstruction_logits)
+    # model, optimiser, schedule
+    constructor_args, model, optimizer, scheduler, reconstruction_logits = build_model(args, len(train_x), device)
 
     config = {**vars(args), "dataset_used": data["name"], "train_size": data["train_size"],
               "test_size": data["test_size"], "parameters": common.count_parameters(model)}
     meta = common.checkpoint_meta(SCRIPT, args.model, args=constructor_args, dataset=data["name"])
-    progress = {"epoch": 0, "batch_index": 0, "step": 0, "elapsed": 0.0}   # saved with every checkpoint
-    if args.resume and os.path.exists(checkpoint_path):
-        progress = resume_from(checkpoint_path, config, model, optimizer, scheduler)
-        print(f"resumed from {checkpoint_path} at epoch {progress['epoch']}, step {progress['step']}")
-    common.write_json(os.path.join(args.outdir, "config.json"), config)
-    logger = common.RunLogger(args.outdir, config, args.wandb, name=os.path.basename(os.path.normpath(args.outdir)),
-                              resume=bool(progress["step"]))
-    if progress["step"]:
-        logger.truncate_after(progress["step"])  # resumed: the steps after the checkpoint are logged again by this run
+    progress, logger = open_run(args, config, checkpoint_path, model, optimizer, scheduler)
 
     def save(test_mse=None, finished=False):
         common.save_checkpoint(checkpoint_path, {
@@ -370,12 +393,7 @@ def main(argv=None):
                 print(f"{stop.received} received: saved {checkpoint_path} at step {progress['step']}; rerun with --resume")
                 logger.finish()  # the W&B run is continued by the resumed run (same id)
                 return
-            test_mse = reconstruction_mse(model, test_x)
-            logger.log({"test/reconstruction_mse": test_mse, "progress/epoch": progress["epoch"],
-                        "time/elapsed_s": progress["elapsed"]}, step=progress["step"])
-            print(f"epoch {progress['epoch']}/{args.epochs}: test reconstruction MSE {test_mse:.5f} "
-                  f"({progress['elapsed']:.0f} s)")
-            save(test_mse)
+            save(evaluate_epoch(model, test_x, progress, args, logger))
     finally:
         stop.close()
     epoch, step, elapsed = progress["epoch"], progress["step"], progress["elapsed"]
