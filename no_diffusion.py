@@ -490,14 +490,15 @@ def karras_sigmas(sigma_max, sigma_min, steps, rho=7.0):
 
 
 @torch.no_grad()
-def sample_heun(predict_noise, x, sigmas, draw_noise, progress=False, steps=25, churn=0.0):
+def sample_heun(predict_noise, x, sigmas, draw_noise, progress=False, steps=25, churn=0.0, sigma_max=None, rho=7.0):
     """Probability-flow ODE of the variance-exploding process (Song et al. 2021, Eq. 13), which for
     x = u + sigma z, z ~ N(0, C) reads dx/dsigma = -sigma C grad log p_sigma(x) = n_theta(x, sigma), solved with
-    Heun's 2nd-order method on Karras et al.'s (2022, Alg. 2) levels from sigma_1 to sigma_L, then one Euler
-    step to sigma = 0 (the denoising step x - sigma_L n_theta). churn > 0 adds their stochastic "churn"
-    (gamma = min(churn / steps, sqrt(2) - 1) of extra noise per step, from the training noise). 2 steps - 1
-    evaluations."""
-    levels = torch.cat([karras_sigmas(float(sigmas[0]), float(sigmas[-1]), steps), torch.zeros(1, dtype=torch.float64)])
+    Heun's 2nd-order method on Karras et al.'s (2022, Alg. 2) levels (Eq. 5, exponent rho) from sigma_max
+    (default sigma_1; x must start at that level) to sigma_L, then one Euler step to sigma = 0 (the denoising
+    step x - sigma_L n_theta). churn > 0 adds their stochastic "churn" (gamma = min(churn / steps, sqrt(2) - 1) of
+    extra noise per step, from the training noise). 2 steps - 1 evaluations."""
+    sigma_max = float(sigmas[0]) if sigma_max is None else sigma_max
+    levels = torch.cat([karras_sigmas(sigma_max, float(sigmas[-1]), steps, rho), torch.zeros(1, dtype=torch.float64)])
     gamma = min(churn / steps, math.sqrt(2) - 1)
     evaluations = 0
     for i in tqdm(range(steps), disable=not progress, leave=False, mininterval=1.0, desc="heun"):
@@ -521,7 +522,11 @@ VAL_BATCH_HELP = "batch size when sampling (default: 128 on a GPU; on a CPU 32 f
 
 
 def sampler_options(args):
-    return {"T": args.T, "epsilon": args.epsilon} if args.sampler == "langevin" else {"steps": args.steps, "churn": args.churn}
+    """The keyword arguments of args.sampler; Heun's sigma_max and rho only where an eval set them."""
+    if args.sampler == "langevin":
+        return {"T": args.T, "epsilon": args.epsilon}
+    options = {"steps": args.steps, "churn": args.churn}
+    return {**options, **{key: getattr(args, key) for key in ("sigma_max", "rho") if getattr(args, key, None) is not None}}
 
 
 def sampling_batch_size(requested, device, grid):
@@ -535,7 +540,8 @@ def sampling_batch_size(requested, device, grid):
 
 @torch.no_grad()
 def generate_functions(model, noise, sigmas, count, sampler, options, batch_size, seed, device, progress=False):
-    """count samples (count, 2, n, n) on the CPU, the network evaluations per sample, and the seconds taken."""
+    """count samples (count, 2, n, n) on the CPU, the network evaluations per sample, and the seconds taken;
+    each starts as noise at the sampler's first level (options' sigma_max, else sigma_1)."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     draw = lambda size: noise.draw(size, generator).to(device)
@@ -543,7 +549,7 @@ def generate_functions(model, noise, sigmas, count, sampler, options, batch_size
     out, evaluations, start = [], 0, time.time()
     for begin in range(0, count, batch_size):
         size = min(batch_size, count - begin)
-        x = float(sigmas[0]) * draw(size)
+        x = options.get("sigma_max", float(sigmas[0])) * draw(size)
         x, evaluations = SAMPLERS[sampler](predict_noise, x, sigmas, draw, progress=progress, **options)
         out.append(x.float().cpu())
     return torch.cat(out), evaluations, time.time() - start
@@ -1360,6 +1366,10 @@ def evaluate(argv):
     parser.add_argument("--steps", type=common.positive_int, default=None, help="Heun steps (default: the run's)")
     parser.add_argument("--T", type=common.positive_int, default=None, help="Langevin steps per level (default: the run's)")
     parser.add_argument("--churn", type=common.nonnegative_float, default=None, help="Heun churn (default: the run's)")
+    parser.add_argument("--sigma-max", type=common.positive_float, default=None,
+                        help="Heun's first noise level, where sampling starts (default: the run's --sigma-1)")
+    parser.add_argument("--rho", type=common.positive_float, default=None,
+                        help="exponent of Heun's level spacing (Karras et al. 2022, Eq. 5; default 7)")
     parser.add_argument("--scale", type=common.positive_int, default=2, help="resolution factor for superres")
     parser.add_argument("--seed", type=int, default=1, help="seed of the sampler's noise")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
@@ -1374,9 +1384,14 @@ def evaluate(argv):
     if eval_args.mode == "plot" and not os.path.isfile(stats_path):
         raise UserError(f"{stats_path} does not exist; run --mode generate first")
     args, model = load_run(eval_args.exp_dir, eval_args.checkpoint, device)
-    for key in ("sampler", "steps", "T", "churn"):
+    for key in ("sampler", "steps", "T", "churn", "sigma_max", "rho"):
         if getattr(eval_args, key) is not None:
             setattr(args, key, getattr(eval_args, key))
+    if (eval_args.sigma_max or eval_args.rho) and args.sampler != "heun":
+        raise UserError("--sigma-max and --rho set the Heun sampler's levels; this run samples with --sampler "
+                        f"{args.sampler}")
+    if eval_args.sigma_max is not None and not eval_args.sigma_max > args.sigma_L:
+        raise UserError(f"--sigma-max must exceed the run's --sigma-L {args.sigma_L}, got {eval_args.sigma_max}")
     scale = eval_args.scale if eval_args.mode == "superres" else 1
     data = load_functions(args.dataset, args.resolution * scale, args.crop * scale, args.n_functions, args.val_size,
                           args.data_dir, args.seed)

@@ -341,6 +341,20 @@ def test_brief_training_on_grf_moves_samples_to_the_true_covariance(tmp_path, pa
     assert results["worst_ratio"] == max(results[key] / results["floor"][key] for key in headline[2:3] + headline[5:])
 
 
+def test_heun_levels_follow_sigma_max_and_rho():
+    """Heun's Euler evaluations sit on Karras et al.'s Eq. 5 levels, from sigma_max down to sigma_L with exponent
+    rho; by default from sigma_1 with rho = 7."""
+    sigmas = no_diffusion.geometric_sigmas(30.0, 0.01, 10)
+    ramp = torch.arange(5, dtype=torch.float64) / 4
+    for options, top, rho in (({"sigma_max": 5.0, "rho": 3.0}, 5.0, 3.0), ({}, 30.0, 7.0)):
+        seen = []
+        predict_noise = lambda x, sigma: seen.append(sigma) or torch.zeros_like(x)
+        no_diffusion.sample_heun(predict_noise, torch.zeros(1, 2, 4, 4), sigmas, None, steps=5, **options)
+        expected = (top ** (1 / rho) + ramp * (0.01 ** (1 / rho) - top ** (1 / rho))) ** rho
+        assert len(seen) == 9 and seen[1:-1:2] == seen[2::2]     # each correction at the next Euler level
+        assert torch.allclose(torch.tensor(seen[0::2], dtype=torch.float64), expected, rtol=1e-12)
+
+
 def test_langevin_sampler_counts_evaluations_and_stays_finite():
     model = no_diffusion.ScoreFNO(width=8, modes=4, layers=1)
     noise = no_diffusion.GaussianNoise(8, "rbf", "se", 0.1, 0.01)
@@ -375,6 +389,16 @@ def test_run_outputs_eval_modes_and_resume(tmp_path, monkeypatch):
     assert run_cli([*common_eval, "--mode", "superres"]) == 0
     superres = json.loads((full / "eval" / "superres.json").read_text())
     assert superres["grid"] == 32 and "w_total_ratio_to_native" in superres
+    # Heun's levels from eval flags: the defaults spelled out change nothing; other levels, the same evaluations
+    generate = lambda *extra: (run_cli([*common_eval, "--checkpoint", "model.w_total.pt", *extra]),
+                               json.loads((full / "eval" / "generate.json").read_text()))
+    _, default = generate()
+    _, spelled = generate("--sigma-max", "30", "--rho", "7")
+    assert spelled["w_total"] == default["w_total"] and spelled["spectrum"] == default["spectrum"]
+    assert spelled["sampler_options"] == {**default["sampler_options"], "sigma_max": 30.0, "rho": 7.0}
+    _, other = generate("--sigma-max", "5", "--rho", "3")
+    assert other["w_total"] != default["w_total"] and other["evaluations_per_sample"] == default["evaluations_per_sample"]
+    assert generate("--sigma-max", "0.001")[0] == 2 and generate("--sampler", "langevin", "--rho", "3")[0] == 2
     assert (full / "eval" / "histograms.png").is_file()
 
     # stopped mid-epoch by SIGTERM, then resumed: the same weights and metrics as the uninterrupted run
