@@ -972,7 +972,6 @@ def train(args, rank, world_size, device):
     # training loop, with caption dropout for CFG. The clock (progress["elapsed"], --max-minutes, images/s)
     # counts training only: quick evaluations, grids and checkpoints are paused out of it
     stop = common.StopSignal()
-    last_loss = float("nan")
     try:
         while progress["step"] < progress["total_steps"] and (not args.epochs or progress["epoch"] < args.epochs):
             last_loss, stop_seen, evaluation_due = train_epoch(
