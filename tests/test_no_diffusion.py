@@ -79,6 +79,29 @@ def test_spectral_convolution_is_consistent_across_resolutions():
     assert torch.allclose(fine[..., ::2, ::2], coarse, atol=1e-5)
 
 
+def test_spectral_convolution_is_the_fourier_layer_written_out():
+    """K h = IFFT(R . FFT(h)) with R applied to the kept frequencies by a complex product (Li et al. 2021, Eq. 4),
+    computed here the direct way (complex einsum into a zeroed spectrum), on odd and even grids, values and gradients."""
+    torch.manual_seed(0)
+    layer = no_diffusion.SpectralConv2d(3, 4, modes=5)
+    for height, width in ((16, 16), (12, 9), (10, 10)):
+        x = torch.randn(2, 3, height, width, requires_grad=True)
+        spectrum = torch.fft.rfft2(x, norm="forward")
+        rows, cols = min(5, height // 2), min(5, width // 2 + 1)
+        weight = torch.view_as_complex(layer.weight)
+        out = torch.zeros(2, 4, height, width // 2 + 1, dtype=torch.complex64)
+        out[:, :, :rows, :cols] = torch.einsum("bixy,ioxy->boxy", spectrum[:, :, :rows, :cols], weight[0, :, :, :rows, :cols])
+        out[:, :, -rows:, :cols] = torch.einsum("bixy,ioxy->boxy", spectrum[:, :, -rows:, :cols], weight[1, :, :, :rows, :cols])
+        direct = torch.fft.irfft2(out, s=(height, width), norm="forward")
+        ours = layer(x)
+        assert direct.abs().max() > 0.01 and torch.allclose(ours, direct, atol=1e-6)
+        probe = torch.randn_like(direct)
+        gradients = torch.autograd.grad((ours * probe).sum(), [x, layer.weight])
+        expected = torch.autograd.grad((direct * probe).sum(), [x, layer.weight])
+        for got, want in zip(gradients, expected):
+            assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_model_runs_at_any_resolution_and_depends_on_sigma():
     torch.manual_seed(0)
     model = no_diffusion.ScoreFNO(width=8, modes=4, layers=2)
@@ -157,6 +180,28 @@ def test_structure_statistics_of_a_plane_wave(n):
         assert value == pytest.approx((math.cos(2 * math.pi * k * pixels / n) + 1) / 2, abs=1e-9)
 
 
+def vortices(n, centres):
+    """exp(i phi) with phi = sum of +-atan2(y - y_c, x - x_c): one phase singularity of charge +-1 at each
+    centre ((x_c, y_c, charge) in domain units, off the grid points), (1, 2, n, n)."""
+    y, x = torch.meshgrid(torch.arange(n, dtype=torch.float64) / n, torch.arange(n, dtype=torch.float64) / n, indexing="ij")
+    phase = sum(charge * torch.atan2(y - y_c, x - x_c) for x_c, y_c, charge in centres)
+    return torch.stack([torch.cos(phase), torch.sin(phase)])[None]
+
+
+@pytest.mark.parametrize("n", [32, 64])
+def test_phase_residues_count_the_singularities(n):
+    """A plane wave (a continuous phase, even with many fringes) has no residue; a vortex has one, a
+    vortex-antivortex pair two, at any grid size; the metric is W1 of the counts, so one extra vortex per
+    function moves it by 1."""
+    pair = [(0.31, 0.42, 1), (0.71, 0.58, -1)]
+    counts = [float(no_diffusion.phase_residues(field)[0]) for field in
+              (plane_wave(n, 5), plane_wave(n, 9), vortices(n, pair[:1]), vortices(n, pair))]
+    assert counts == [0, 0, 1, 2]
+    smooth, one = plane_wave(n, 3, count=4), vortices(n, pair[:1]).expand(4, -1, -1, -1)
+    assert no_diffusion.function_metrics(one, smooth)["residues"] == pytest.approx(1.0)
+    assert no_diffusion.function_metrics(smooth, smooth)["residues"] == 0
+
+
 def test_shuffled_pixels_keep_the_circular_statistics_but_fail_the_structure_metrics(tmp_path):
     """A "sampler" of real functions with their pixels shuffled keeps every phase value, so the reference's
     w_var and w_skew cannot tell it from the real thing; the structure metrics must, far above their floor."""
@@ -171,13 +216,13 @@ def test_shuffled_pixels_keep_the_circular_statistics_but_fail_the_structure_met
     assert as_shuffled["w_var"] == pytest.approx(as_real["w_var"], abs=1e-12)
     assert as_shuffled["w_skew"] == pytest.approx(as_real["w_skew"], abs=1e-9)
     assert as_shuffled["w_total"] < floor["w_total"] + 3 * spread["w_total"]
-    for key in ("spectrum", "acf_1", "acf_4", "gradient"):
+    for key in ("spectrum", "acf_1", "acf_4", "gradient", "residues"):
         assert as_shuffled[key] > 10 * floor[key], key
         assert as_real[key] < floor[key] + 3 * spread[key], key
     scoring = {"floor": floor, "spread": spread}
     assert no_diffusion.verdicts(as_shuffled, scoring)["acf_1"] == "not met"
     assert no_diffusion.score(shuffled, {**scoring, "cnn": None, "reference": reference})["worst_metric"] in \
-        ("acf_1", "acf_4", "gradient", "spectrum")
+        ("acf_1", "acf_4", "gradient", "spectrum", "residues")
 
 
 def test_verdicts_are_decided_only_beyond_the_spread():
@@ -336,7 +381,7 @@ def test_brief_training_on_grf_moves_samples_to_the_true_covariance(tmp_path, pa
         assert variance_after < 0.3 * variance_before and pair_after < 0.3 * pair_before
     results = json.loads((outdir / "results.json").read_text())
     assert results["evaluations_per_sample"] == 19 and results["floor_count"] == 32
-    headline = no_diffusion.METRICS + ("spectrum", "acf_1", "acf_4", "acf_16", "gradient")
+    headline = no_diffusion.METRICS + ("spectrum", "acf_1", "acf_4", "acf_16", "gradient", "residues")
     assert set(headline) <= set(results) and set(headline) <= set(results["floor"]) <= set(results["floor_spread"])
     assert results["worst_ratio"] == max(results[key] / results["floor"][key] for key in headline[2:3] + headline[5:])
 
