@@ -585,6 +585,11 @@ ACF_LAGS = (1, 4, 16)                        # in 1/64 of the domain: 1, 4, 16 p
 SOURCE_CNN_SIZE = 64                         # the source-CNN sees every function resampled to 64 x 64
 
 
+def wrap_phase(angle):
+    """angle wrapped to (-pi, pi]: the phase difference as an interferogram records it."""
+    return torch.atan2(torch.sin(angle), torch.cos(angle))
+
+
 def phase_of(functions):
     """phi = atan2(sin, cos): (N, 2, H, W) -> (N, H, W)."""
     return torch.atan2(functions[:, 1].double(), functions[:, 0].double())
@@ -637,9 +642,8 @@ def phase_gradient(functions):
     density: 2 pi times the fringes crossed per unit length), (N,). Differences are wrapped to (-pi, pi]."""
     phase = phase_of(functions)
     n = phase.shape[-1]
-    wrap = lambda angle: torch.atan2(torch.sin(angle), torch.cos(angle))
-    d_x = wrap(phase[..., :-1, 1:] - phase[..., :-1, :-1])
-    d_y = wrap(phase[..., 1:, :-1] - phase[..., :-1, :-1])
+    d_x = wrap_phase(phase[..., :-1, 1:] - phase[..., :-1, :-1])
+    d_y = wrap_phase(phase[..., 1:, :-1] - phase[..., :-1, :-1])
     return (n * torch.sqrt(d_x**2 + d_y**2)).mean((-2, -1))
 
 
@@ -650,9 +654,8 @@ def phase_residues(functions):
     has none, so the count says how many such jumps a field carries; a singularity is a point, so the count
     means the same at every grid size (aliased fringes, closer than 2 px, add some at coarse grids)."""
     phase = phase_of(functions)
-    wrap = lambda angle: torch.atan2(torch.sin(angle), torch.cos(angle))
     corners = phase[..., :-1, :-1], phase[..., :-1, 1:], phase[..., 1:, 1:], phase[..., 1:, :-1]
-    winding = sum(wrap(corners[(i + 1) % 4] - corners[i]) for i in range(4))    # (N, H-1, W-1): 0 or +-2 pi
+    winding = sum(wrap_phase(corners[(i + 1) % 4] - corners[i]) for i in range(4))    # (N, H-1, W-1): 0 or +-2 pi
     return (winding.abs() > math.pi).sum((-2, -1)).double()
 
 
@@ -803,7 +806,7 @@ def compare(stats, reference):
     w_skew = wasserstein_distance(reference["skewness"], stats["skewness"])
     mean_difference = stats["mean"] - reference["mean"]                                    # (2, H, W)
     phase_difference = phase_of(stats["mean"][None]) - phase_of(reference["mean"][None])
-    phase_difference = torch.atan2(torch.sin(phase_difference), torch.cos(phase_difference))
+    phase_difference = wrap_phase(phase_difference)
     log_spectra = torch.log10(stats["spectrum"] + 1e-12), torch.log10(reference["spectrum"] + 1e-12)
     metrics = {"w_var": float(w_var), "w_skew": float(w_skew), "w_total": float(w_var + w_skew),
                "mean_l2": float(mean_difference.pow(2).mean().sqrt()),
