@@ -10,7 +10,7 @@ probability-flow ODE (Karras et al. 2022; 30x fewer network evaluations).
 
     python no_diffusion.py --outdir runs/nodiff                        # synthetic volcano, 64 px, train + eval, ~12 min
     python no_diffusion.py --config json/rbf.json                      # runs/<run id>/rbf ($SAVEDIR, default runs)
-    python no_diffusion.py --config json/indep.json --epochs 10        # white noise; flags override the file
+    python no_diffusion.py --config json/indep.json --max-minutes 4    # white noise; flags override the file
     DATA_DIR=/path/to/ints python no_diffusion.py --config json/rbf-reference.json   # the reference's setting
     python no_diffusion.py --outdir runs/nodiff --resume               # continue a stopped run
     python no_diffusion.py eval --exp-dir runs/nodiff --checkpoint model.worst_ratio.pt --Ntest 1024 \\
@@ -1087,7 +1087,8 @@ def build_parser():
     noise("--sigma-L", type=common.positive_float, default=0.01, help="smallest noise level")
     noise("--L", type=common.positive_int, default=500, help="noise levels (geometric) for training and Langevin")
     model = parser.add_argument_group("model").add_argument
-    model("--width", type=common.positive_int, default=16, help="FNO channels")
+    model("--width", type=common.positive_int, default=32,
+          help="FNO channels (32: better than 16 or 48 at equal CPU time on most structure metrics; BENCHMARKS.md)")
     model("--modes", type=common.positive_int, default=12, help="Fourier modes kept per axis")
     model("--layers", type=common.positive_int, default=4, help="FNO blocks (--levels 1)")
     model("--levels", type=common.positive_int, default=1,
@@ -1106,10 +1107,11 @@ def build_parser():
                   "ln sigma ~ N(--sigma-mean, --sigma-std^2) clipped to [sigma_L, sigma_1] (Karras et al. 2022)")
     training("--sigma-mean", type=float, default=-0.5, help="mean of ln sigma (--sigma-sampling lognormal)")
     training("--sigma-std", type=common.positive_float, default=1.5, help="std of ln sigma (--sigma-sampling lognormal)")
-    training("--epochs", type=common.positive_int, default=24,
-             help="passes over the training functions (24: about 10 min of training on 2 CPU cores)")
-    training("--max-minutes", type=common.positive_float, default=None,
-             help="stop training after this much training time (for equal-time comparisons)")
+    training("--epochs", type=common.positive_int, default=None,
+             help="passes over the training functions (default: none, --max-minutes ends training)")
+    training("--max-minutes", type=common.nonnegative_float, default=9.0,
+             help="stop training after this much training time, sample scoring left out (9: about 12 min end to end "
+                  "on 2 CPU cores; 0 = no time limit, needs --epochs)")
     training("--batch-size", type=common.positive_int, default=16, help="training batch size")
     training("--lr", type=common.positive_float, default=1e-3, help="Adam learning rate")
     training("--ema-decay", type=float, default=0.999, help="EMA decay of the weights (with warm-up)")
@@ -1180,6 +1182,8 @@ def parse_args(argv):
         parser.error(f"--crop must be in [0, resolution/2), got {args.crop}")
     if not 0 <= args.ema_decay < 1:
         parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if not args.max_minutes and args.epochs is None:
+        parser.error("--max-minutes 0 (no time limit) needs --epochs")
     return args
 
 
@@ -1215,7 +1219,7 @@ def train_epoch(model, ema, optimizer, train, noise, sigmas, sigma_data, generat
     model.train()
     epoch, steps_per_epoch = progress["epoch"], (len(train) + args.batch_size - 1) // args.batch_size
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).to(train.device)
-    bar = tqdm(range(progress["batch_index"], steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
+    bar = tqdm(range(progress["batch_index"], steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs or '?'}",
                disable=args.no_progress, mininterval=1.0, leave=False)
     window_start, window_step, last_loss = time.time(), progress["step"], float("nan")
     for batch_index in bar:
@@ -1236,7 +1240,7 @@ def train_epoch(model, ema, optimizer, train, noise, sigmas, sigma_data, generat
             window_start, window_step = time.time(), step
         if stop.received:
             return last_loss, "signal"
-        if args.max_minutes is not None and time.time() - started > 60 * args.max_minutes:
+        if args.max_minutes and time.time() - started > 60 * args.max_minutes:
             return last_loss, "time"
     progress["epoch"], progress["batch_index"] = epoch + 1, 0
     return last_loss, None
@@ -1333,7 +1337,7 @@ def main(argv=None):
     started = time.time() - progress["elapsed"]
     metrics = None
     try:
-        while progress["epoch"] < args.epochs:
+        while args.epochs is None or progress["epoch"] < args.epochs:
             last_loss, stopped = train_epoch(model, ema, optimizer, train, noise, sigmas, sigma_data, generator, progress,
                                              args, logger, stop, started, checkpoint_path)
             progress["elapsed"] = elapsed = time.time() - started
@@ -1343,10 +1347,12 @@ def main(argv=None):
                 logger.finish()  # the W&B run is continued by the resumed run (same id)
                 return None
             epoch, batch_index = progress["epoch"], progress["batch_index"]
-            label = (f"epoch {epoch + 1}/{args.epochs} stopped after {batch_index}/{steps_per_epoch} steps" if batch_index
-                     else f"epoch {epoch}/{args.epochs}")   # --max-minutes stops inside an epoch
+            total = args.epochs or "?"
+            label = (f"epoch {epoch + 1}/{total} stopped after {batch_index}/{steps_per_epoch} steps" if batch_index
+                     else f"epoch {epoch}/{total}")   # --max-minutes stops inside an epoch
             print(f"{label}: loss {last_loss:.4f} ({elapsed:.0f} s)")
-            finished = epoch >= args.epochs or (args.max_minutes is not None and elapsed > 60 * args.max_minutes)
+            finished = ((args.epochs is not None and epoch >= args.epochs)
+                        or (bool(args.max_minutes) and elapsed > 60 * args.max_minutes))
             if epoch % args.record_interval == 0 or finished:
                 record_started = time.time()
                 metrics, evaluations, seconds = record()

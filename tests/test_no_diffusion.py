@@ -345,6 +345,22 @@ def test_flags_override_the_experiment_file(tmp_path):
     for name in ("indep", "rbf", "rbf-reference"):   # the shipped experiment files parse
         path = os.path.join(helpers.ROOT, "json", f"{name}.json")
         no_diffusion.parse_args(["--config", path])
+    reference = no_diffusion.parse_args(["--config", os.path.join(helpers.ROOT, "json", "rbf-reference.json")])
+    assert reference.max_minutes == 0 and reference.epochs == 100000 and reference.width == 16   # no time limit
+
+
+def test_the_time_limit_ends_training_without_epochs(tmp_path, capsys):
+    """The default trains for --max-minutes, not for a number of epochs: a tiny limit stops after the first step,
+    mid-epoch, and still scores and writes results.json; no limit and no --epochs is one error line."""
+    defaults = no_diffusion.parse_args([])
+    assert defaults.epochs is None and defaults.max_minutes == 9.0
+    argv = tiny_args(tmp_path / "run", tmp_path / "data", "--max-minutes", "1e-6")
+    del argv[argv.index("--epochs"):argv.index("--epochs") + 2]
+    assert run_cli(argv) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["steps"] == 1 and results["epochs"] == 0 and math.isfinite(results["w_total"])
+    assert "--max-minutes 0 (no time limit) needs --epochs" in one_line_error(
+        capsys, ["--max-minutes", "0", "--outdir", str(tmp_path / "b")])
 
 
 # ----------------------------------------------------------------------------------------------
