@@ -414,13 +414,14 @@ SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp": sample_dpmpp_2m,
             "dpmpp-3m-sde": functools.partial(sample_dpmpp_3m, eta=1.0)}
 
 
-def cfg_denoiser(model_fn, cond, null_cond, guidance_scale, guided=None):
+def cfg_denoiser(model_fn, cond, null_cond, guidance_scale, guided=None, projection=None):
     """Classifier-free guidance (Ho & Salimans 2022, Eq. 6) as a denoiser usable by every sampler.
 
     model_fn(x, t, cond) -> x0_hat. Returns denoise(x, t) = uncond + w * (cond - uncond); with
     w = 1 the conditional model alone is evaluated (one pass). guided(t) -> (B,) bool, optional: where
     guidance applies (guidance_interval); elsewhere denoise is the conditional model alone, in one pass
-    when no sample of the batch is guided."""
+    when no sample of the batch is guided. projection: (parallel_weight, norm_threshold), optional:
+    adaptive projected guidance (projected_guidance) in place of the plain mixture."""
     if guidance_scale == 1.0:
         return lambda x, t: model_fn(x, t, cond)
 
@@ -430,11 +431,31 @@ def cfg_denoiser(model_fn, cond, null_cond, guidance_scale, guided=None):
             return model_fn(x, t, cond)
         both = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null_cond]))
         conditional, unconditional = both.chunk(2)
-        mixed = unconditional + guidance_scale * (conditional - unconditional)
+        if projection is None:
+            mixed = unconditional + guidance_scale * (conditional - unconditional)
+        else:
+            mixed = projected_guidance(conditional, unconditional, guidance_scale, *projection)
         if mask is None:
             return mixed
         return torch.where(mask.view(-1, *[1] * (x.dim() - 1)), mixed, conditional)
     return denoise
+
+
+def projected_guidance(conditional, unconditional, guidance_scale, parallel_weight=0.0, norm_threshold=math.inf):
+    """Adaptive projected guidance without momentum (Sadat et al. 2024, "Eliminating oversaturation and artifacts
+    of high guidance scales in diffusion models", Sec. 4). The guidance update diff = cond - uncond (x0 space,
+    (B, ...)) is first shrunk to a norm of at most norm_threshold per sample, then split into its part parallel
+    to the conditional prediction, which the paper finds to oversaturate, and the orthogonal rest; the parallel
+    part is weighted by parallel_weight: cond + (w - 1) (diff_orthogonal + parallel_weight diff_parallel).
+    parallel_weight 1 and norm_threshold inf give plain CFG, uncond + w (cond - uncond)."""
+    dims = tuple(range(1, conditional.dim()))
+    diff = conditional - unconditional
+    if norm_threshold < math.inf:
+        norm = diff.flatten(1).norm(dim=1).view(-1, *[1] * len(dims))  # (B, 1, ...)
+        diff = diff * torch.clamp(norm_threshold / norm.clamp_min(1e-12), max=1.0)
+    unit = conditional / conditional.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * len(dims))
+    parallel = (diff * unit).sum(dims, keepdim=True) * unit
+    return conditional + (guidance_scale - 1) * (diff - parallel + parallel_weight * parallel)
 
 
 def guidance_interval(process, low, high):

@@ -324,21 +324,36 @@ def interval_text(interval):
     return "all" if not interval or interval == (0, math.inf) else f"{interval[0]:g},{interval[1]:g}"
 
 
-def guided_denoiser(model, process, table, caption_ids, null_id, guidance_scale, interval=None):
+def projection_text(projection):
+    """'ETA,R' of adaptive projected guidance for results and plots; 'none' for the plain CFG mixture."""
+    return "none" if projection is None else f"{projection[0]:g},{projection[1]:g}"
+
+
+def projection_setting(text):
+    """argparse type: 'ETA,R' -> (parallel weight ETA >= 0, norm threshold R > 0, 'inf' allowed)."""
+    parallel_weight, norm_threshold = (float(value) for value in text.split(","))
+    if not (parallel_weight >= 0 and norm_threshold > 0):
+        raise ValueError(f"expected ETA,R with ETA >= 0 and R > 0, got {text}")
+    return parallel_weight, norm_threshold
+
+
+def guided_denoiser(model, process, table, caption_ids, null_id, guidance_scale, interval=None, projection=None):
     """CFG denoiser for the common.py samplers, x0_hat clipped to the data range [-1, 1] ("static
     thresholding", Saharia et al. 2022, Sec. 2.3): with the cosine schedule a_T is about 5e-5, so 1/a_t
     turns small eps errors at large t into values far outside any image, and guidance (w > 1)
     extrapolates beyond both predictions. interval: (low, high) noise levels sigma where guidance applies
-    (common.guidance_interval); None = every step."""
+    (common.guidance_interval); None = every step. projection: (parallel weight, norm threshold) of adaptive
+    projected guidance (common.projected_guidance); None = the plain CFG mixture."""
     null_ids = torch.full_like(caption_ids, null_id)
     guided = common.guidance_interval(process, *interval) if interval else None
-    guided = common.cfg_denoiser(x0_model_fn(model, process, table), caption_ids, null_ids, guidance_scale, guided)
+    guided = common.cfg_denoiser(x0_model_fn(model, process, table), caption_ids, null_ids, guidance_scale, guided,
+                                 projection)
     return lambda x, t: guided(x, t).clamp(-1, 1)
 
 
 @torch.no_grad()
 def sample_images(model, process, table, caption_ids, null_id, guidance_scale, sampler="dpmpp", steps=20, seed=0,
-                  batch_size=None, progress=False, interval=None):
+                  batch_size=None, progress=False, interval=None, projection=None):
     """One image per entry of caption_ids (N,), as (N, 1, 28, 28) in [0, 1]. Noise from one seeded generator.
     batch_size: default 500 on a GPU; 50 on a CPU, where it samples 1.5x faster than 500 (smaller activations)."""
     model.eval()
@@ -349,7 +364,7 @@ def sample_images(model, process, table, caption_ids, null_id, guidance_scale, s
     for start in range(0, len(caption_ids), batch_size):
         ids = caption_ids[start:start + batch_size]
         x_T = torch.randn(len(ids), 1, 28, 28, generator=generator, device=device) * process.b[-1].item()
-        denoise = guided_denoiser(model, process, table, ids, null_id, guidance_scale, interval)
+        denoise = guided_denoiser(model, process, table, ids, null_id, guidance_scale, interval, projection)
         out.append(common.SAMPLERS[sampler](denoise, x_T, process, steps, generator=generator, progress=progress))
     return ((torch.cat(out) + 1) / 2).clamp(0, 1)
 
@@ -474,7 +489,7 @@ class Evaluator:
         return self.data["x"][index], self.data["y"][index]
 
     def __call__(self, model, process, table, null_id, count, heldout_count, guidance_scale, sampler, steps, seed,
-                 full=True, progress=False, interval=None):
+                 full=True, progress=False, interval=None, projection=None):
         """Metrics of `count` samples (count // 10 per digit, training templates in turn) and, with full=True,
         of `heldout_count` samples of held-out prompts, diversity and CLIP score; each beside real images."""
         per_digit = max(1, count // 10)
@@ -482,7 +497,7 @@ class Evaluator:
         caption_ids = digits + 10 * (torch.arange(len(digits), device=self.device) % len(TRAIN_TEMPLATES))
         start = time.time()
         images = sample_images(model, process, table, caption_ids, null_id, guidance_scale, sampler, steps, seed,
-                               progress=progress, interval=interval)
+                               progress=progress, interval=interval, projection=projection)
         sampling_seconds = time.time() - start
         lenet_features, predictions = common.classifier_outputs(self.classifier, images)
         correct = (predictions == digits).float()
@@ -500,7 +515,8 @@ class Evaluator:
             "prompt_accuracy": correct.mean().item(),
             "prompt_accuracy_per_digit": [correct[digits == d].mean().item() for d in range(10)],
             "samples": len(images), "sampler": sampler, "sample_steps": steps, "guidance_scale": guidance_scale,
-            "guidance_interval": interval_text(interval), "sampling_seconds": sampling_seconds,
+            "guidance_interval": interval_text(interval), "guidance_projection": projection_text(projection),
+            "sampling_seconds": sampling_seconds,
             "reference": {"prompt_accuracy": (real_predictions == real_digits).float().mean().item(),
                           "images": len(real_images)},
             # within-prompt diversity: mean pairwise classifier-feature distance among one digit's samples
@@ -517,7 +533,8 @@ class Evaluator:
             repeats = max(1, heldout_count // len(prompt_set["prompts"]))
             ids = torch.arange(len(prompt_set["prompts"]), device=self.device).repeat_interleave(repeats)
             set_images = sample_images(model, process, prompt_set["table"], ids, len(prompt_set["prompts"]),
-                                       guidance_scale, sampler, steps, seed + 1, progress=progress, interval=interval)
+                                       guidance_scale, sampler, steps, seed + 1, progress=progress, interval=interval,
+                                       projection=projection)
             _, set_predictions = common.classifier_outputs(self.classifier, set_images)
             hits = (set_predictions.cpu() == prompt_set["digits"].repeat_interleave(repeats)).float()  # (N,)
             templates = np.repeat(prompt_set["templates"], repeats)
@@ -1173,8 +1190,8 @@ def number_list(kind):
 def sweep(argv):
     parser = common.ArgumentParser(prog="mnist_text_cfg.py sweep",
                                    description="The guidance frontier: prompt accuracy against classifier FID / floor and "
-                                               "diversity for plain CFG and for guidance limited to noise intervals, "
-                                               "and against sampler steps.")
+                                               "diversity for plain CFG, for guidance limited to noise intervals and "
+                                               "for adaptive projected guidance, and against sampler steps.")
     parser.add_argument("--ckpt", required=True, help="checkpoint of mnist_text_cfg.py")
     parser.add_argument("--guidance-scales", type=number_list(float), default=[1, 1.5, 2, 3, 4, 6],
                         help="plain-CFG scales, comma-separated")
@@ -1183,6 +1200,12 @@ def sweep(argv):
                         help="noise intervals sigma in [LO, HI] for interval guidance, each swept over --interval-scales")
     parser.add_argument("--interval-scales", type=number_list(float), default=[2, 3, 4, 6],
                         help="guidance scales of each interval, comma-separated")
+    parser.add_argument("--projections", type=projection_setting, nargs="*", metavar="ETA,R",
+                        default=[(0.0, math.inf), (0.0, 2.0)],
+                        help="adaptive projected guidance (Sadat et al. 2024): parallel weight ETA and norm threshold R "
+                             "(inf: none) of the guidance update, each swept over --projection-scales")
+    parser.add_argument("--projection-scales", type=number_list(float), default=[2, 3, 4, 6],
+                        help="guidance scales of each projected-guidance setting, comma-separated")
     parser.add_argument("--steps-list", type=number_list(int), default=[5, 10, 20, 50],
                         help="sampler steps at the default guidance, comma-separated")
     parser.add_argument("--guidance-scale", type=common.nonnegative_float, default=DEFAULT_GUIDANCE,
@@ -1212,20 +1235,29 @@ def sweep(argv):
                           args.data_dir)
     table = table_to(caption_table(meta["text_encoder"], meta.get("text_encoder_path"), train_captions(), args.data_dir), device)
     null_id = len(train_captions()) - 1
-    # (axis, guidance interval, scale, steps): plain CFG, each interval over its scales, then the sampler steps
-    points = [("guidance", None, w, args.steps) for w in args.guidance_scales]
-    points += [("guidance", interval, w, args.steps) for interval in args.guidance_intervals for w in args.interval_scales]
-    points += [("sample_steps", args.guidance_interval, args.guidance_scale, k) for k in args.steps_list]
+    # (axis, guidance interval, projection, scale, steps): plain CFG, each interval and each projected-guidance
+    # setting over its scales, then the sampler steps at the default guidance
+    points = [("guidance", None, None, w, args.steps) for w in args.guidance_scales]
+    points += [("guidance", interval, None, w, args.steps) for interval in args.guidance_intervals
+               for w in args.interval_scales]
+    points += [("guidance", None, projection, w, args.steps) for projection in args.projections
+               for w in args.projection_scales]
+    points += [("sample_steps", args.guidance_interval, None, args.guidance_scale, k) for k in args.steps_list]
     keys = ("prompt_accuracy", "classifier_fid", "classifier_fid_floor", "fid", "fid_floor", "diversity")
     rows = []
-    for axis, interval, scale, steps in points:
+    for axis, interval, projection, scale, steps in points:
         per_seed = [evaluator(model, process, table, null_id, args.num_samples, 0, scale, args.sampler, steps, seed,
-                              full=False, interval=interval)[0] for seed in range(args.seed, args.seed + args.seeds)]
-        row = {"axis": axis, "method": "cfg" if interval_text(interval) == "all" else "interval",
-               "guidance_interval": interval_text(interval), "guidance_scale": scale, "sample_steps": steps,
+                              full=False, interval=interval, projection=projection)[0]
+                    for seed in range(args.seed, args.seed + args.seeds)]
+        method = "apg" if projection else "cfg" if interval_text(interval) == "all" else "interval"
+        label = {"cfg": "plain CFG", "interval": f"interval sigma in [{interval_text(interval)}]",
+                 "apg": f"APG eta,R = {projection_text(projection)}"}[method]
+        row = {"axis": axis, "method": method, "line": label,
+               "guidance_interval": interval_text(interval), "guidance_projection": projection_text(projection),
+               "guidance_scale": scale, "sample_steps": steps,
                "sampler": args.sampler, "samples": args.num_samples, "seeds": args.seeds, "fid_kind": args.fid,
                "default": interval_text(interval) == interval_text(args.guidance_interval) and scale == args.guidance_scale
-                          and steps == args.steps,
+                          and steps == args.steps and projection is None,
                "reference_diversity": float(np.mean([m["reference"]["diversity"] for m in per_seed]))}
         for m in per_seed:
             m["classifier_fid_ratio"] = m["classifier_fid"] / m["classifier_fid_floor"]
@@ -1234,7 +1266,7 @@ def sweep(argv):
             row[key], row[key + "_std"] = float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
         row["diversity_ratio"] = row["diversity"] / row["reference_diversity"]
         rows.append(row)
-        print(f"{axis} interval {row['guidance_interval']} w={scale:g} steps={steps}: prompt accuracy "
+        print(f"{axis} {row['line']} w={scale:g} steps={steps}: prompt accuracy "
               f"{row['prompt_accuracy']:.2%}, classifier FID {row['classifier_fid']:.3f} = {row['classifier_fid_ratio']:.2f}x "
               f"its floor, diversity {row['diversity_ratio']:.2f}x real", flush=True)
     common.write_json(os.path.join(args.outdir, "sweep.json"),
@@ -1247,7 +1279,7 @@ def sweep(argv):
 
 def plot_frontier(rows, args):
     """frontier.png: prompt accuracy against classifier FID / floor and against diversity / real, one line per
-    guidance interval over its scales, the default starred; sweep_steps.png: both against sampler steps."""
+    guidance method and setting over its scales, the default starred; sweep_steps.png: both against sampler steps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1255,9 +1287,8 @@ def plot_frontier(rows, args):
     title = f"{os.path.basename(args.ckpt)}: {args.num_samples} samples x {args.seeds} seed(s) per point, {args.sampler}"
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     guidance_rows = [r for r in rows if r["axis"] == "guidance"]
-    for interval in dict.fromkeys(r["guidance_interval"] for r in guidance_rows):
-        line = [r for r in guidance_rows if r["guidance_interval"] == interval]
-        label = "plain CFG" if interval == "all" else f"interval sigma in [{interval}]"
+    for label in dict.fromkeys(r["line"] for r in guidance_rows):
+        line = [r for r in guidance_rows if r["line"] == label]
         for axis, key in ((left, "classifier_fid_ratio"), (right, "diversity_ratio")):
             axis.plot([r[key] for r in line], [100 * r["prompt_accuracy"] for r in line], "o-", ms=3, label=label)
             for r in line:

@@ -752,6 +752,42 @@ def test_guidance_interval_selects_the_noise_levels_sigma_b_over_a():
     assert torch.equal(out[~inside], cfg_denoiser(toy_model_fn([]), cond, null, 1.0)(x, t)[~inside])
 
 
+def test_projected_guidance_reduces_to_cfg_and_removes_the_parallel_part():
+    gen = torch.Generator().manual_seed(16)
+    cond, uncond = torch.randn(5, 1, 4, 4, generator=gen), torch.randn(5, 1, 4, 4, generator=gen)
+    w = 3.0
+    # parallel weight 1, no norm threshold: plain CFG
+    torch.testing.assert_close(common.projected_guidance(cond, uncond, w, 1.0, math.inf), uncond + w * (cond - uncond))
+    # parallel weight 0: the update is orthogonal to the conditional prediction, per sample ...
+    update = common.projected_guidance(cond, uncond, w, 0.0) - cond
+    torch.testing.assert_close((update * cond).sum((1, 2, 3)), torch.zeros(5), rtol=0, atol=1e-5)
+    # ... and the orthogonal part is CFG's update minus its projection on cond
+    diff = cond - uncond
+    along = (diff * cond).sum((1, 2, 3), keepdim=True) / (cond * cond).sum((1, 2, 3), keepdim=True) * cond
+    torch.testing.assert_close(update, (w - 1) * (diff - along))
+    # an uncond that only rescales cond gives a purely parallel update: nothing is left of it
+    torch.testing.assert_close(common.projected_guidance(cond, 0.5 * cond, w, 0.0), cond)
+    # the norm threshold caps the per-sample update at (w - 1) r and leaves small updates alone
+    capped = common.projected_guidance(cond, uncond, w, 1.0, 0.1) - cond
+    torch.testing.assert_close(capped.flatten(1).norm(dim=1), torch.full((5,), (w - 1) * 0.1))
+    torch.testing.assert_close(common.projected_guidance(cond, uncond, w, 1.0, 1e6), uncond + w * diff)
+
+
+def test_cfg_denoiser_with_projection():
+    gen = torch.Generator().manual_seed(17)
+    x, cond, null = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen), -0.5 * torch.ones(4, 3)
+    t = torch.tensor([1, 5, 9, 100])
+    counter = []
+    plain = cfg_denoiser(toy_model_fn(counter), cond, null, 2.5)(x, t)
+    torch.testing.assert_close(cfg_denoiser(toy_model_fn(counter), cond, null, 2.5, projection=(1.0, math.inf))(x, t), plain)
+    assert counter == [8, 8]
+    c = toy_model_fn([])(x, t, cond)
+    projected = cfg_denoiser(toy_model_fn([]), cond, null, 2.5, projection=(0.0, math.inf))(x, t)
+    torch.testing.assert_close(((projected - c) * c).sum(1), torch.zeros(4), rtol=0, atol=1e-5)
+    assert not torch.allclose(projected, plain)
+    assert torch.equal(cfg_denoiser(toy_model_fn([]), cond, null, 1.0, projection=(0.0, 1.0))(x, t), c)  # w = 1
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
 def test_interval_guided_sampling_of_a_gaussian_toy_lies_between_cfg_and_the_conditional_law(sampler):
     """Class-conditional Gaussians x0 | c ~ N(c, s^2), c = +-1, with an exact denoiser (cond 0: the mixture's

@@ -311,19 +311,23 @@ def test_caption_embeddings_are_cached_never_encoded_in_the_loop(tmp_path, data_
 def test_sweep_draws_the_guidance_frontier_with_the_default_marked(minilm_run, data_dir, tmp_path):
     outdir, _ = minilm_run
     rows = script.main(["sweep", "--ckpt", str(outdir / "checkpoints" / "final.pt"), "--guidance-scales", "1,2",
-                        "--guidance-intervals", "0.3,5", "--interval-scales", "2", "--steps-list", "2",
+                        "--guidance-intervals", "0.3,5", "--interval-scales", "2", "--projections", "0,inf",
+                        "--projection-scales", "2", "--steps-list", "2",
                         "--guidance-scale", "2", "--num-samples", "20", "--seeds", "2", "--dataset", "mnist5k",
                         "--data-dir", str(data_dir), "--outdir", str(tmp_path / "sweep")])
-    assert [(r["axis"], r["guidance_interval"], r["guidance_scale"], r["sample_steps"], r["default"]) for r in rows] == [
-        ("guidance", "all", 1, 20, False), ("guidance", "all", 2, 20, True), ("guidance", "0.3,5", 2, 20, False),
-        ("sample_steps", "all", 2, 2, False)]
-    plain, interval = rows[1], rows[2]
+    assert [(r["axis"], r["method"], r["guidance_interval"], r["guidance_projection"], r["guidance_scale"],
+             r["sample_steps"], r["default"]) for r in rows] == [
+        ("guidance", "cfg", "all", "none", 1, 20, False), ("guidance", "cfg", "all", "none", 2, 20, True),
+        ("guidance", "interval", "0.3,5", "none", 2, 20, False), ("guidance", "apg", "all", "0,inf", 2, 20, False),
+        ("sample_steps", "cfg", "all", "none", 2, 2, False)]
+    plain, interval, projected = rows[1], rows[2], rows[3]
     assert plain["classifier_fid"] != interval["classifier_fid"]      # the interval changes the samples
+    assert plain["classifier_fid"] != projected["classifier_fid"]     # so does the projection
     for row in rows:
         assert row["seeds"] == 2 and row["classifier_fid_std"] is not None and np.isfinite(row["classifier_fid_ratio"])
         assert row["diversity_ratio"] == pytest.approx(row["diversity"] / row["reference_diversity"])
     table = json.load(open(tmp_path / "sweep" / "sweep.json"))
-    assert table["seeds"] == [0, 1] and len(table["rows"]) == 4
+    assert table["seeds"] == [0, 1] and len(table["rows"]) == 5
     for name in ("frontier.png", "sweep_steps.png"):
         assert Image.open(tmp_path / "sweep" / name).size[0] > 100
 
