@@ -8,7 +8,7 @@ et al.'s (2022) preconditioning learns the denoiser (equivalently the noise, the
 samples come from annealed Langevin dynamics (the reference's sampler) or Heun's method on the
 probability-flow ODE (Karras et al. 2022; 30x fewer network evaluations).
 
-    python no_diffusion.py --outdir runs/nodiff                        # synthetic volcano, 64 px, train + eval, ~12 min
+    python no_diffusion.py --outdir runs/nodiff                        # synthetic volcano, 64 px, train + eval, ~13 min
     python no_diffusion.py --config json/rbf.json                      # runs/<run id>/rbf ($SAVEDIR, default runs)
     python no_diffusion.py --config json/indep.json --max-minutes 4    # white noise; flags override the file
     DATA_DIR=/path/to/ints python no_diffusion.py --config json/rbf-reference.json   # the reference's setting
@@ -1110,7 +1110,7 @@ def build_parser():
     training("--epochs", type=common.positive_int, default=None,
              help="passes over the training functions (default: none, --max-minutes ends training)")
     training("--max-minutes", type=common.nonnegative_float, default=9.0,
-             help="stop training after this much training time, sample scoring left out (9: about 12 min end to end "
+             help="stop training after this much training time, sample scoring left out (9: about 13 min end to end "
                   "on 2 CPU cores; 0 = no time limit, needs --epochs)")
     training("--batch-size", type=common.positive_int, default=16, help="training batch size")
     training("--lr", type=common.positive_float, default=1e-3, help="Adam learning rate")

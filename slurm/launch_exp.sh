@@ -2,7 +2,7 @@
 # Train and evaluate no_diffusion.py on one GPU: score-based diffusion in function space.
 #
 #   sbatch slurm/launch_exp.sh json/rbf.json                        # from the repository root
-#   sbatch slurm/launch_exp.sh json/indep.json --epochs 50          # extra flags override the JSON file
+#   sbatch slurm/launch_exp.sh json/indep.json --max-minutes 30     # extra flags override the JSON file
 #   DATA_DIR=/path/to/volcano/ints sbatch --time=2-00:00:00 slurm/launch_exp.sh json/rbf-reference.json
 #   SAVEDIR=/tmp/try bash slurm/launch_exp.sh json/rbf.json --epochs 1 --Ntest 16   # local run, no SLURM
 #   sbatch --gres=gpu:0 -c 2 --mem=8G slurm/launch_exp.sh json/rbf.json --epochs 1   # on slurm/local_cluster.sh (CPU)
